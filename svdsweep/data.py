@@ -1,0 +1,223 @@
+"""Fashion-MNIST and MNIST as in-memory tensors, found without surprises.
+
+Lookup order for the raw files (first hit wins):
+
+1. ``data_dir`` given by the caller (``--data-dir``);
+2. the ``SVDSWEEP_DATA_DIR`` environment variable;
+3. Debian's ``dataset-fashion-mnist`` package in /usr/share/datasets/fashion-mnist,
+   decompressed once into torchvision's ``raw/`` layout under the cache
+   directory (the package's gzip bytes differ from torchvision's checksums, so
+   torchvision cannot "download" from it);
+4. torchvision's download into the cache directory, when online.
+
+A directory counts when it holds the four idx files (``.gz`` or decompressed)
+either directly or in torchvision's ``<root>/<Class>/raw/`` layout.
+
+The whole dataset is kept as one tensor on the training device and batches are
+drawn by index: on MNIST-sized data a per-sample ``DataLoader`` spends ~8x
+longer assembling batches than the model spends training on them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DATASETS",
+    "DataNotFoundError",
+    "Splits",
+    "load_splits",
+    "resolve_raw_dir",
+    "cache_dir",
+]
+
+DEBIAN_DIRS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
+RAW_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+#: name -> (torchvision class name, mean, std) of the training images in [0, 1].
+DATASETS = {
+    "fashion-mnist": ("FashionMNIST", 0.2860, 0.3530),
+    "mnist": ("MNIST", 0.1307, 0.3081),
+}
+#: Images carved from the 60k training set for validation, with a fixed seed,
+#: independent of the training seed, so every trial validates on the same images.
+VALIDATION_SIZE = 10_000
+SPLIT_SEED = 20_240_601
+
+
+class DataNotFoundError(FileNotFoundError):
+    """No copy of the dataset could be found or fetched; the message says what was tried."""
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Normalised images (N x 1 x 28 x 28, float32) and labels (N, int64) per split."""
+
+    train_x: Tensor
+    train_y: Tensor
+    val_x: Tensor
+    val_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+
+
+def cache_dir() -> Path:
+    """``$SVDSWEEP_CACHE_DIR``, else ``$XDG_CACHE_HOME/svdsweep``, else ``~/.cache/svdsweep``."""
+    if os.environ.get("SVDSWEEP_CACHE_DIR"):
+        return Path(os.environ["SVDSWEEP_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "svdsweep"
+
+
+def resolve_raw_dir(dataset: str, data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The torchvision root that holds ``<Class>/raw/`` for ``dataset``, preparing it if needed.
+
+    Raises :class:`DataNotFoundError` listing every place tried and how to fix it.
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
+    class_name = DATASETS[dataset][0]
+    tried: list[str] = []
+    candidates: list[tuple[str, Path]] = []
+    if data_dir is not None:
+        candidates.append(("--data-dir", Path(data_dir)))
+    if os.environ.get("SVDSWEEP_DATA_DIR"):
+        candidates.append(("SVDSWEEP_DATA_DIR", Path(os.environ["SVDSWEEP_DATA_DIR"])))
+    if dataset in DEBIAN_DIRS:
+        candidates.append((f"Debian package dataset-{dataset}", DEBIAN_DIRS[dataset]))
+    for label, directory in candidates:
+        source = _find_raw_files(directory, class_name)
+        if source is None:
+            tried.append(f"{label}: {directory} (no {dataset} idx files)")
+            continue
+        return _as_torchvision_root(source, class_name, dataset)
+
+    cached = cache_dir() / "data"
+    if _find_raw_files(cached / class_name / "raw", class_name) is not None:
+        return cached
+    try:
+        _download(class_name, cached)
+        return cached
+    except Exception as error:  # noqa: BLE001 - any download failure means "not found"
+        tried.append(f"download into {cached}: {type(error).__name__}: {error}".splitlines()[0])
+    hint = (
+        "install Debian's package (apt-get install -y dataset-fashion-mnist), "
+        if dataset == "fashion-mnist"
+        else ""
+    )
+    raise DataNotFoundError(
+        f"{dataset} not found; tried " + "; ".join(tried) + ". Fix: " + hint
+        + "or point --data-dir / SVDSWEEP_DATA_DIR at a directory holding "
+        + ", ".join(f"{name}[.gz]" for name in RAW_FILES)
+    )
+
+
+def load_splits(
+    dataset: str = "fashion-mnist",
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    device: torch.device | str = "cpu",
+    train_subset: int | None = None,
+    validation_size: int = VALIDATION_SIZE,
+) -> Splits:
+    """Train/validation/test tensors on ``device``.
+
+    The validation split is a fixed random ``validation_size`` images of the
+    official training set; ``train_subset`` keeps only the first N of the
+    remaining training images (for quick runs and tests). The official test set
+    is returned untouched, for final reports only.
+    """
+    from torchvision import datasets  # heavy import, only when data is needed
+
+    class_name, mean, std = DATASETS[dataset]
+    root = resolve_raw_dir(dataset, data_dir)
+    dataset_class = getattr(datasets, class_name)
+    train = dataset_class(str(root), train=True, download=False)
+    test = dataset_class(str(root), train=False, download=False)
+
+    def normalise(images: Tensor) -> Tensor:
+        return ((images.float() / 255.0 - mean) / std).unsqueeze(1).to(device)
+
+    order = torch.randperm(len(train.data), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    if not 0 < validation_size < len(order):
+        raise ValueError(f"validation_size must be in 1..{len(order) - 1}, got {validation_size}")
+    val_idx, train_idx = order[:validation_size], order[validation_size:]
+    if train_subset is not None:
+        if train_subset < 1:
+            raise ValueError(f"train_subset must be positive, got {train_subset}")
+        train_idx = train_idx[:train_subset]
+    return Splits(
+        train_x=normalise(train.data[train_idx]),
+        train_y=train.targets[train_idx].to(device),
+        val_x=normalise(train.data[val_idx]),
+        val_y=train.targets[val_idx].to(device),
+        test_x=normalise(test.data),
+        test_y=test.targets.to(device),
+    )
+
+
+def _find_raw_files(directory: Path, class_name: str) -> Path | None:
+    """The directory among ``directory`` and ``directory/<Class>/raw`` holding all idx files."""
+    for candidate in (directory, directory / class_name / "raw"):
+        if all(
+            (candidate / name).is_file() or (candidate / f"{name}.gz").is_file()
+            for name in RAW_FILES
+        ):
+            return candidate
+    return None
+
+
+def _as_torchvision_root(source: Path, class_name: str, dataset: str) -> Path:
+    """A root whose ``<Class>/raw/`` holds the decompressed files of ``source``.
+
+    Uses ``source`` in place when it already is such a layout; otherwise
+    decompresses into the cache, atomically, so a crash never leaves a
+    half-written copy that later runs would trust.
+    """
+    if source.name == "raw" and all((source / name).is_file() for name in RAW_FILES):
+        return source.parent.parent
+    # One cache entry per source directory, so two sources never mix.
+    digest = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:10]
+    target_root = cache_dir() / "data" / f"{dataset}-{digest}"
+    raw = target_root / class_name / "raw"
+    if all((raw / name).is_file() for name in RAW_FILES):
+        return target_root
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=raw.parent, prefix=".raw-"))
+    try:
+        for name in RAW_FILES:
+            plain, packed = source / name, source / f"{name}.gz"
+            if plain.is_file():
+                shutil.copyfile(plain, staging / name)
+            else:
+                with gzip.open(packed, "rb") as fin, open(staging / name, "wb") as fout:
+                    shutil.copyfileobj(fin, fout)
+        if raw.exists():  # another process won the race
+            shutil.rmtree(staging)
+        else:
+            staging.rename(raw)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target_root
+
+
+def _download(class_name: str, root: Path) -> None:
+    from torchvision import datasets
+
+    root.mkdir(parents=True, exist_ok=True)
+    getattr(datasets, class_name)(str(root), train=True, download=True)
+    getattr(datasets, class_name)(str(root), train=False, download=True)
