@@ -8,7 +8,7 @@ and the CLI live in their own modules and are not imported here, so that
 from importlib.metadata import PackageNotFoundError, version
 
 from svdsweep.optim import DEFAULT_METHOD, METHODS, NonFiniteGradientError, SVDGradient
-from svdsweep.train import TrainConfig, TrainResult, TrainingDiverged, train
+from svdsweep.train import TrainConfig, TrainingDiverged, TrainResult, train
 
 try:
     __version__ = version("svdsweep")

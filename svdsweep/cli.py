@@ -22,7 +22,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Does replacing each weight gradient by its top-k SVD train better than Adam?",
 )
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print ratios measured in one run.")
+bench_app = typer.Typer(
+    no_args_is_help=True, help="Benchmarks that print ratios measured in one run."
+)
 app.add_typer(bench_app, name="bench")
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -82,7 +84,9 @@ def train(
     train_subset: Annotated[
         int | None, typer.Option(help="train on the first N training images only")
     ] = None,
-    test: Annotated[bool, typer.Option("--test/--no-test", help="also evaluate the test set")] = False,
+    test: Annotated[
+        bool, typer.Option("--test/--no-test", help="also evaluate the test set")
+    ] = False,
     data_dir: DataDirOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:

@@ -35,9 +35,9 @@ __all__ = [
     "DATASETS",
     "DataNotFoundError",
     "Splits",
+    "cache_dir",
     "load_splits",
     "resolve_raw_dir",
-    "cache_dir",
 ]
 
 DEBIAN_DIRS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
@@ -119,7 +119,10 @@ def resolve_raw_dir(dataset: str, data_dir: str | os.PathLike[str] | None = None
         else ""
     )
     raise DataNotFoundError(
-        f"{dataset} not found; tried " + "; ".join(tried) + ". Fix: " + hint
+        f"{dataset} not found; tried "
+        + "; ".join(tried)
+        + ". Fix: "
+        + hint
         + "or point --data-dir / SVDSWEEP_DATA_DIR at a directory holding "
         + ", ".join(f"{name}[.gz]" for name in RAW_FILES)
     )

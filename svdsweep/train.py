@@ -24,7 +24,14 @@ from svdsweep.data import DATASETS, Splits, load_splits
 from svdsweep.models import MODELS, build_model
 from svdsweep.optim import METHODS, NonFiniteGradientError, SVDGradient
 
-__all__ = ["OPTIMIZERS", "TrainConfig", "TrainResult", "TrainingDiverged", "train", "resolve_device"]
+__all__ = [
+    "OPTIMIZERS",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "resolve_device",
+    "train",
+]
 
 OPTIMIZERS = ("adam", "svd-adam")
 
@@ -165,7 +172,7 @@ def train(
             steps += 1
             if isinstance(optimizer, SVDGradient):
                 for name, value in optimizer.energy_tensors().items():
-                    energy_sums[name] = energy_sums.get(name, 0) + value
+                    energy_sums[name] = energy_sums[name] + value if name in energy_sums else value
         _synchronize(device)
         result.epoch_seconds.append(time.perf_counter() - start)
 
@@ -182,8 +189,8 @@ def train(
         metrics = {"train_loss": train_loss, "val_loss": val_loss, "val_acc": val_acc}
         if energy_sums:
             per_layer = {name: float(total) / steps for name, total in energy_sums.items()}
-            for name, value in per_layer.items():
-                result.energy_per_layer.setdefault(name, []).append(value)
+            for name, fraction in per_layer.items():
+                result.energy_per_layer.setdefault(name, []).append(fraction)
             result.energy.append(sum(per_layer.values()) / len(per_layer))
             metrics["energy"] = result.energy[-1]
         if report is not None:

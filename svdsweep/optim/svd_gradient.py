@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 
 from svdsweep.optim import lowrank
 
-__all__ = ["SVDGradient", "NonFiniteGradientError", "METHODS", "DEFAULT_METHOD"]
+__all__ = ["DEFAULT_METHOD", "METHODS", "NonFiniteGradientError", "SVDGradient"]
 
 #: Methods by name. ``default`` is resolved to :data:`DEFAULT_METHOD`.
 METHODS = ("exact", "randomized", "subspace")
@@ -32,7 +32,7 @@ DEFAULT_METHOD = "subspace"
 _KNOB_DEFAULTS: dict[str, dict[str, int]] = {
     "exact": {"oversample": 0, "power_iters": 0},
     "randomized": {"oversample": 8, "power_iters": 2},
-    "subspace": {"oversample": 8, "power_iters": 0},
+    "subspace": {"oversample": 8, "power_iters": 1},
 }
 
 NONFINITE_POLICIES = ("raise", "skip")
@@ -76,7 +76,7 @@ class SVDGradient(Optimizer):
         oversample: extra basis vectors of the fast methods (``None``: the
             method's default, 8).
         power_iters: extra power iterations per step of the fast methods
-            (``None``: 2 for ``randomized``, 0 for ``subspace``).
+            (``None``: 2 for ``randomized``, 1 for ``subspace``).
         reshape_conv: also project conv kernels' gradients, reshaped to
             ``(out, in * kh * kw)``. Off by default, as in the original
             experiment.
@@ -106,7 +106,8 @@ class SVDGradient(Optimizer):
     ) -> None:
         if not isinstance(base_optimizer, Optimizer):
             raise TypeError(
-                f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}"
+                "base_optimizer must be a torch.optim.Optimizer, "
+                f"got {type(base_optimizer).__name__}"
             )
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
@@ -167,7 +168,7 @@ class SVDGradient(Optimizer):
         projection_state = {
             index: {key: value for key, value in self.state[param].items()}
             for _, index, param in self._all_params()
-            if param in self.state and self.state[param]
+            if self.state.get(param)
         }
         return {
             "base": self.base_optimizer.state_dict(),
@@ -295,17 +296,13 @@ class SVDGradient(Optimizer):
                 generator=self._generator,
             )
         else:
-            basis = state.get("basis")
-            if basis is None and rank + group["oversample"] < min(matrix.shape):
-                basis = torch.randn(
-                    matrix.shape[1], rank + group["oversample"], generator=self._generator
-                ).to(matrix.device)
             result = lowrank.subspace_low_rank(
                 matrix,
                 rank,
-                basis,
+                state.get("basis"),
                 oversample=group["oversample"],
                 power_iters=group["power_iters"],
+                generator=self._generator,
             )
             if result.basis is not None:
                 state["basis"] = result.basis
@@ -313,9 +310,7 @@ class SVDGradient(Optimizer):
         grad.copy_(result.approx.reshape(grad.shape))
 
 
-def _group_settings(
-    rank: Any, method: Any, oversample: Any, power_iters: Any
-) -> dict[str, Any]:
+def _group_settings(rank: Any, method: Any, oversample: Any, power_iters: Any) -> dict[str, Any]:
     """Validates the svd settings of a group and fills in the method's defaults."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
