@@ -1,0 +1,306 @@
+"""Storage URL -> Optuna storage, with heartbeats, retries and an atomic budget lock.
+
+The storage is only ever given as a URL, resolved here in one place:
+``--storage``, else ``$SVDSWEEP_STORAGE``, else an SQLite file in the working
+directory. PostgreSQL (``postgresql+psycopg2://...``) is the deployment path;
+SQLite is the one-laptop default.
+
+Three things Optuna leaves to its user are handled here:
+
+* **Heartbeats that survive a flaky database.** Optuna's own heartbeat thread
+  exists only inside ``study.optimize``, and one failed write kills it, after
+  which the trial is reaped as stale while still running. :class:`Heartbeat`
+  logs the failure and tries again at the next beat.
+* **Transient errors.** A PostgreSQL restart turns every storage call into an
+  ``OperationalError`` for a few seconds. :func:`retrying` repeats a call with
+  exponential backoff; connections are checked before use (``pool_pre_ping``).
+* **Exact budgets.** :func:`budget_lock` is a cross-process lock (a PostgreSQL
+  advisory lock, or a lock file next to an SQLite database) under which a
+  worker counts the trials already claimed and asks for a new one only if the
+  budget has room.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import optuna
+import sqlalchemy
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+__all__ = [
+    "DEFAULT_STORAGE",
+    "Heartbeat",
+    "StorageError",
+    "budget_lock",
+    "open_storage",
+    "reap_stale_trials",
+    "redact",
+    "resolve_storage_url",
+    "retrying",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Heartbeats and their retry callback are "experimental" in Optuna since 2.8;
+# svdsweep relies on them knowingly, so the warning would only be noise.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+DEFAULT_STORAGE = "sqlite:///svdsweep.db"
+#: Seconds between heartbeats of a running trial, and after which a trial
+#: without one counts as dead (its worker was killed).
+HEARTBEAT_INTERVAL = int(os.environ.get("SVDSWEEP_HEARTBEAT_INTERVAL", "10"))
+GRACE_PERIOD = int(os.environ.get("SVDSWEEP_GRACE_PERIOD", str(3 * HEARTBEAT_INTERVAL)))
+#: How often a trial whose worker died is retried with the same parameters.
+MAX_RETRY = 3
+#: Total seconds a storage call keeps retrying through connection errors.
+RETRY_SECONDS = float(os.environ.get("SVDSWEEP_RETRY_SECONDS", "120"))
+
+
+class StorageError(RuntimeError):
+    """The storage URL is wrong or the database cannot be reached."""
+
+
+def resolve_storage_url(url: str | None = None) -> str:
+    """``url``, else ``$SVDSWEEP_STORAGE``, else :data:`DEFAULT_STORAGE`; validated."""
+    resolved = url or os.environ.get("SVDSWEEP_STORAGE") or DEFAULT_STORAGE
+    try:
+        parsed = sqlalchemy.engine.make_url(resolved)
+    except sqlalchemy.exc.ArgumentError:
+        raise StorageError(
+            f"invalid storage URL {resolved!r}; expected e.g. sqlite:///svdsweep.db or "
+            "postgresql+psycopg2://user:password@host:5432/db"
+        ) from None
+    backend = parsed.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise StorageError(
+            f"unsupported storage {redact(resolved)}: svdsweep needs sqlite:/// or "
+            "postgresql+psycopg2:// (exact trial budgets rely on their locks)"
+        )
+    if backend == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise StorageError("an in-memory SQLite storage cannot be shared by workers; give a file")
+    return resolved
+
+
+def redact(url: str) -> str:
+    """The URL with its password hidden, for messages and logs."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url
+
+
+def open_storage(url: str | None = None, *, heartbeat: bool = True) -> RDBStorage:
+    """An :class:`RDBStorage` for ``url`` whose workers can be reaped when they die.
+
+    Raises :class:`StorageError` with a one-line reason when the database is
+    unreachable or the URL is wrong.
+    """
+    resolved = resolve_storage_url(url)
+    backend = sqlalchemy.engine.make_url(resolved).get_backend_name()
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if backend == "postgresql":
+        engine_kwargs["connect_args"] = {"connect_timeout": 5}
+        # A few connections per worker process; Ray runs many of them.
+        engine_kwargs.update(pool_size=2, max_overflow=2, pool_recycle=300)
+    else:
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    heartbeat_kwargs: dict[str, Any] = {}
+    if heartbeat:
+        heartbeat_kwargs = {
+            "heartbeat_interval": HEARTBEAT_INTERVAL,
+            "grace_period": GRACE_PERIOD,
+            "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+        }
+    try:
+        return retrying(
+            lambda: RDBStorage(resolved, engine_kwargs=engine_kwargs, **heartbeat_kwargs),
+            seconds=min(RETRY_SECONDS, 10.0),
+        )
+    except Exception as error:  # noqa: BLE001 - any failure to open is for the user to fix
+        raise StorageError(f"cannot open storage {redact(resolved)}: {_reason(error)}") from None
+
+
+def retrying(call: Callable[[], T], *, seconds: float = RETRY_SECONDS) -> T:
+    """``call()``, repeated with exponential backoff while the database is unreachable.
+
+    Only connection-level errors are retried; anything else (a constraint, a
+    bug) is raised at once. Gives up after ``seconds`` and raises the last error.
+    """
+    deadline = time.monotonic() + seconds
+    delay = 0.25
+    while True:
+        try:
+            return call()
+        except Exception as error:
+            if not _is_transient(error) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("storage unavailable (%s); retrying in %.1fs", _reason(error), delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+@contextlib.contextmanager
+def budget_lock(url: str, name: str) -> Iterator[None]:
+    """A lock shared by every process using this storage, for claiming trial slots.
+
+    PostgreSQL: a session-level advisory lock on a dedicated connection, freed
+    by the server if the holder dies. SQLite: an exclusive lock on a file next
+    to the database (SQLite storages are single-machine by nature).
+    """
+    parsed = sqlalchemy.engine.make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        engine = _lock_engine(url)
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                with contextlib.suppress(Exception):  # a dead connection frees the lock itself
+                    connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    connection.commit()
+    else:
+        from filelock import FileLock
+
+        database = Path(parsed.database or "svdsweep.db")
+        with FileLock(str(database.with_name(database.name + f".{_slug(name)}.lock"))):
+            yield
+
+
+_lock_engines: dict[str, sqlalchemy.engine.Engine] = {}
+
+
+def _lock_engine(url: str) -> sqlalchemy.engine.Engine:
+    if url not in _lock_engines:
+        _lock_engines[url] = sqlalchemy.create_engine(
+            url,
+            poolclass=sqlalchemy.pool.NullPool,
+            connect_args={"connect_timeout": 5},
+        )
+    return _lock_engines[url]
+
+
+class Heartbeat:
+    """Records a trial's heartbeat every interval in a daemon thread, whatever happens.
+
+    A failed write (database restarting) is logged and retried at the next
+    beat instead of ending the thread, so a live trial is never reaped as dead
+    because of a transient error.
+    """
+
+    def __init__(self, storage: RDBStorage, trial_id: int) -> None:
+        self._storage = storage
+        self._trial_id = trial_id
+        self._stop = threading.Event()
+        interval = storage.get_heartbeat_interval()
+        self._interval = float(interval) if interval else 0.0
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{trial_id}", daemon=True)
+        self.failures = 0
+
+    def __enter__(self) -> Heartbeat:
+        if self._interval:
+            retrying(lambda: self._storage.record_heartbeat(self._trial_id))
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self._interval + 5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._storage.record_heartbeat(self._trial_id)
+            except Exception as error:  # noqa: BLE001 - keep beating through any failure
+                self.failures += 1
+                log.warning("heartbeat of trial %d failed: %s", self._trial_id, _reason(error))
+
+
+def reap_stale_trials(study: optuna.Study) -> int:
+    """Marks the trials of dead workers FAIL (and re-queues their parameters).
+
+    Optuna does this only inside ``optimize()`` when a live worker asks for its
+    next trial, so the last trial of a killed worker would stay RUNNING forever.
+    Also reaps RUNNING trials that never recorded a heartbeat (their worker died
+    between claiming and the first beat), once they are older than the grace
+    period. Returns how many trials were reaped.
+    """
+    storage = study._storage
+    before = _count(study, TrialState.FAIL)
+    retrying(lambda: optuna.storages.fail_stale_trials(study))
+    grace = timedelta(seconds=GRACE_PERIOD)
+    now = datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started = trial.datetime_start
+        if started is None or now - started <= grace:
+            continue
+        if _has_heartbeat(study, trial._trial_id):
+            continue
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                callback = storage.get_heartbeat_stale_trial_callback()  # type: ignore[attr-defined]
+                if callback is not None:
+                    callback(study, storage.get_trial(trial._trial_id))
+    return _count(study, TrialState.FAIL) - before
+
+
+def _has_heartbeat(study: optuna.Study, trial_id: int) -> bool:
+    from optuna.storages._rdb import models
+
+    storage = study._storage
+    backend: Any = getattr(storage, "_backend", storage)
+    with contextlib.closing(backend.scoped_session()) as session:
+        return models.TrialHeartbeatModel.where_trial_id(trial_id, session) is not None
+
+
+def _count(study: optuna.Study, state: TrialState) -> int:
+    return len(study.get_trials(deepcopy=False, states=(state,)))
+
+
+def _is_transient(error: BaseException) -> bool:
+    transient = (
+        sqlalchemy.exc.OperationalError,
+        sqlalchemy.exc.InterfaceError,
+        sqlalchemy.exc.DisconnectionError,
+        sqlalchemy.exc.TimeoutError,
+    )
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, transient):
+            return True
+        if (
+            isinstance(current, optuna.exceptions.StorageInternalError)
+            and "connection" in str(current).lower()
+        ):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of the innermost error, e.g. 'connection refused'."""
+    current = error
+    while current.__cause__ is not None:
+        current = current.__cause__
+    text = str(getattr(current, "orig", None) or current).strip().splitlines()
+    return text[0] if text else type(current).__name__
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)

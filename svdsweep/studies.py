@@ -1,0 +1,163 @@
+"""The experiment's two Optuna studies: names, creation, resumption, status.
+
+An *experiment* is a pair of studies in one storage, ``<experiment>-adam`` and
+``<experiment>-svd-adam``. Each study stores its :class:`StudySettings` (search
+space, budget, training settings) as a user attribute, so that a worker started
+by hand needs only the storage URL and the experiment name, and so that a study
+cannot be resumed with another search space by mistake.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from svdsweep.space import SETTINGS_ATTR, StudySettings
+from svdsweep.storage import StorageError, open_storage, redact, retrying
+from svdsweep.train import OPTIMIZERS
+
+__all__ = [
+    "DEFAULT_EXPERIMENT",
+    "ExperimentError",
+    "StudyStatus",
+    "create_or_resume",
+    "experiment_status",
+    "load_settings",
+    "study_name",
+]
+
+DEFAULT_EXPERIMENT = "fashion-mnist-mlp"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class ExperimentError(ValueError):
+    """A study is missing, or exists with other settings than requested."""
+
+
+def study_name(experiment: str, optimizer: str) -> str:
+    return f"{experiment}-{optimizer}"
+
+
+def create_or_resume(storage_url: str, experiment: str, settings: list[StudySettings]) -> list[str]:
+    """Creates the studies, or checks that existing ones searched the same space.
+
+    A different budget is allowed (it extends or caps the sweep) and is
+    stored; any other difference raises :class:`ExperimentError` naming it.
+    Returns the study names.
+    """
+    storage = open_storage(storage_url, heartbeat=False)
+    names = []
+    for study_settings in settings:
+        name = study_name(experiment, study_settings.optimizer)
+        study = retrying(
+            partial(
+                optuna.create_study,
+                study_name=name,
+                storage=storage,
+                direction="minimize",
+                load_if_exists=True,
+            )
+        )
+        stored = study.user_attrs.get(SETTINGS_ATTR)
+        if stored is not None:
+            differences = study_settings.search_differences(StudySettings.from_json(stored))
+            if differences:
+                raise ExperimentError(
+                    f"study {name!r} already exists with other settings ("
+                    + "; ".join(differences)
+                    + "); use another --experiment name or the stored settings"
+                )
+        retrying(partial(study.set_user_attr, SETTINGS_ATTR, study_settings.to_json()))
+        names.append(name)
+    return names
+
+
+def load_settings(storage: Any, experiment: str, optimizer: str) -> StudySettings:
+    """The stored settings of one study; :class:`ExperimentError` if it is missing."""
+    name = study_name(experiment, optimizer)
+    try:
+        study = retrying(lambda: optuna.load_study(study_name=name, storage=storage))
+    except KeyError:
+        raise ExperimentError(
+            f"no study {name!r} in this storage; run `svdsweep sweep --experiment {experiment}` "
+            "first, or check --storage / --experiment"
+        ) from None
+    stored = study.user_attrs.get(SETTINGS_ATTR)
+    if stored is None:
+        raise ExperimentError(f"study {name!r} was not created by svdsweep (no settings stored)")
+    return StudySettings.from_json(stored)
+
+
+@dataclass
+class StudyStatus:
+    """Trial counts per state, and the best so far, of one study."""
+
+    name: str
+    optimizer: str
+    budget: int
+    counts: dict[str, int]
+    best_value: float | None
+    best_params: dict[str, Any] | None
+    best_trial: int | None
+
+    @property
+    def finished(self) -> int:
+        return self.counts.get("COMPLETE", 0) + self.counts.get("PRUNED", 0)
+
+    @property
+    def done(self) -> bool:
+        return self.finished >= self.budget
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "study": self.name,
+            "optimizer": self.optimizer,
+            "budget": self.budget,
+            "finished": self.finished,
+            "counts": self.counts,
+            "best_value": self.best_value,
+            "best_params": self.best_params,
+            "best_trial": self.best_trial,
+        }
+
+
+def experiment_status(storage_url: str | None, experiment: str) -> list[StudyStatus]:
+    """Status of both studies; :class:`ExperimentError` when neither exists."""
+    storage = open_storage(storage_url, heartbeat=False)
+    names = retrying(lambda: {s.study_name for s in storage.get_all_studies()})
+    wanted = [opt for opt in OPTIMIZERS if study_name(experiment, opt) in names]
+    if not wanted:
+        raise ExperimentError(
+            f"no studies of experiment {experiment!r} in {redact(storage.url)}"
+            + (f"; experiments there: {', '.join(sorted(names))}" if names else "")
+        )
+    return [_study_status(storage, experiment, optimizer) for optimizer in wanted]
+
+
+def _study_status(storage: Any, experiment: str, optimizer: str) -> StudyStatus:
+    settings = load_settings(storage, experiment, optimizer)
+    name = study_name(experiment, optimizer)
+    study = optuna.load_study(study_name=name, storage=storage)
+    trials = retrying(lambda: study.get_trials(deepcopy=False))
+    counts = {state.name: 0 for state in TrialState}
+    for trial in trials:
+        counts[trial.state.name] += 1
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    best = min(complete, key=lambda t: float(t.value or 0.0), default=None)
+    return StudyStatus(
+        name=name,
+        optimizer=optimizer,
+        budget=settings.budget,
+        counts=counts,
+        best_value=best.value if best else None,
+        best_params=dict(best.params) if best else None,
+        best_trial=best.number if best else None,
+    )
+
+
+def storage_error_types() -> tuple[type[BaseException], ...]:
+    return (StorageError, ExperimentError)

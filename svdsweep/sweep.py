@@ -1,0 +1,313 @@
+"""The sweep driver: create or resume both studies, start Ray workers, watch them finish.
+
+Ray is the distributed engine: the driver connects to an existing cluster
+(``--ray-address`` / ``RAY_ADDRESS``) or starts a local, loopback-only one, and
+launches one :func:`svdsweep.worker.run_worker` task per worker with
+``num_gpus=--gpus-per-worker``. Code inside a task uses whatever GPU Ray
+assigned it (``"cuda"`` under Ray's ``CUDA_VISIBLE_DEVICES``), or the CPU.
+The driver itself trains nothing: it shows progress, reaps the trials of dead
+workers, and on Ctrl-C stops the workers and marks their trials FAIL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from svdsweep.space import SearchSpace, StudySettings
+from svdsweep.storage import reap_stale_trials, redact, resolve_storage_url, retrying
+from svdsweep.studies import (
+    DEFAULT_EXPERIMENT,
+    StudyStatus,
+    create_or_resume,
+    experiment_status,
+    study_name,
+)
+from svdsweep.train import OPTIMIZERS
+from svdsweep.worker import Objective, run_worker
+
+__all__ = ["SweepError", "SweepSpec", "local_ray", "run_sweep", "study_settings"]
+
+log = logging.getLogger(__name__)
+
+#: Loopback address of a Ray that svdsweep starts itself. Not 127.0.0.1: Ray
+#: rewrites that to the machine's external address.
+DEFAULT_RAY_NODE_IP = "127.0.0.2"
+
+
+class SweepError(RuntimeError):
+    """A worker failed for good, or Ray could not be reached."""
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """Everything ``svdsweep sweep`` is given. Sizes default to the original protocol."""
+
+    storage: str | None = None  # URL; None: $SVDSWEEP_STORAGE, else sqlite:///svdsweep.db
+    experiment: str = DEFAULT_EXPERIMENT
+    trials: int = 30  # finished trials per study
+    workers: int | None = None  # None: one per GPU, else one per cpus_per_worker CPUs
+    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_worker: float = 1.0
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else start a local Ray
+    ray_node_ip: str | None = None  # None: $SVDSWEEP_RAY_NODE_IP, else 127.0.0.2
+    trial_epochs: int = 5
+    dataset: str = "fashion-mnist"
+    model: str = "mlp"
+    method: str = "default"
+    train_subset: int | None = None
+    seed: int = 0
+    pruner: str = "none"
+    space: SearchSpace = SearchSpace()
+
+
+def study_settings(spec: SweepSpec) -> list[StudySettings]:
+    """The settings of both studies: identical but for the optimizer, for a fair comparison."""
+    return [
+        StudySettings(
+            optimizer=optimizer,
+            space=spec.space,
+            budget=spec.trials,
+            epochs=spec.trial_epochs,
+            dataset=spec.dataset,
+            model=spec.model,
+            method=spec.method,
+            train_subset=spec.train_subset,
+            seed=spec.seed,
+            pruner=spec.pruner,
+        )
+        for optimizer in OPTIMIZERS
+    ]
+
+
+def run_sweep(
+    spec: SweepSpec, *, objective: Objective | None = None, progress: bool = True
+) -> list[StudyStatus]:
+    """Runs the sweep to completion and returns the final status of both studies."""
+    url = resolve_storage_url(spec.storage)
+    names = create_or_resume(url, spec.experiment, study_settings(spec))
+    _say(f"storage {redact(url)}; studies: {', '.join(names)}", progress)
+    status = experiment_status(url, spec.experiment)
+    if all(study.done for study in status):
+        _say("both studies already have their budget: nothing to run", progress)
+        return status
+
+    with ray_session(spec.ray_address, spec.ray_node_ip) as ray:
+        gpus = spec.gpus_per_worker
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        workers = spec.workers or _default_workers(ray.cluster_resources(), gpus, spec)
+        sweep_id = uuid.uuid4().hex[:12]
+        _say(
+            f"{workers} Ray workers ({gpus:g} GPU, {spec.cpus_per_worker:g} CPU each), "
+            f"{spec.trials} trials per study, sweep id {sweep_id}",
+            progress,
+        )
+        task = ray.remote(run_worker).options(
+            num_gpus=gpus,
+            num_cpus=spec.cpus_per_worker,
+            # A retried worker just claims new slots: no trial is counted twice.
+            max_retries=2,
+            retry_exceptions=False,
+            name="svdsweep-worker",
+        )
+        refs = [
+            task.remote(
+                url,
+                spec.experiment,
+                worker_id=worker_id,
+                seed=spec.seed,
+                objective=objective,
+                sweep_id=sweep_id,
+            )
+            for worker_id in range(workers)
+        ]
+        try:
+            _watch(ray, refs, url, spec.experiment, progress)
+        except KeyboardInterrupt:
+            _say("interrupted: stopping workers and marking their trials FAIL", progress)
+            _stop_workers(ray, refs)
+            fail_running_trials(url, spec.experiment, sweep_id)
+            raise
+    return experiment_status(url, spec.experiment)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, node_ip: str | None = None) -> Iterator[Any]:
+    """Connects to ``address`` (or ``$RAY_ADDRESS``), or starts a loopback-only local Ray.
+
+    Token auth is on in every case (``RAY_AUTH_MODE=token``), as in Ray 2.60.
+    Shuts down what it started; leaves an existing cluster running.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    node_ip = node_ip or os.environ.get("SVDSWEEP_RAY_NODE_IP") or DEFAULT_RAY_NODE_IP
+    already = ray.is_initialized()
+    if not already:
+        kwargs: dict[str, Any] = {
+            "_node_ip_address": node_ip,
+            "log_to_driver": os.environ.get("SVDSWEEP_RAY_LOGS", "1") == "1",
+            "configure_logging": False,
+        }
+        try:
+            if address and address != "local":
+                ray.init(address=address, **kwargs)
+            else:
+                ray.init(address="local", include_dashboard=False, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise SweepError(f"cannot start or reach Ray at {address or 'local'}: {error}") from None
+    try:
+        yield ray
+    finally:
+        if not already:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def local_ray(node_ip: str | None = None) -> Iterator[Any]:
+    """A local Ray for callers that only need tasks (the reporter)."""
+    with ray_session("local", node_ip) as ray:
+        yield ray
+
+
+def fail_running_trials(storage_url: str, experiment: str, sweep_id: str) -> int:
+    """Marks this sweep's RUNNING trials FAIL, so that a rerun resumes cleanly."""
+    storage = optuna.storages.RDBStorage(storage_url)
+    failed = 0
+    for optimizer in OPTIMIZERS:
+        study = optuna.load_study(study_name=study_name(experiment, optimizer), storage=storage)
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.user_attrs.get("sweep_id", sweep_id) != sweep_id:
+                continue  # another sweep's worker: not ours to stop
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                storage.set_trial_user_attr(trial._trial_id, "error", "sweep interrupted")
+                if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                    failed += 1
+    return failed
+
+
+def _default_workers(resources: dict[str, float], gpus: float, spec: SweepSpec) -> int:
+    if gpus > 0:
+        return max(1, int(resources.get("GPU", 0) // gpus))
+    return max(1, int(resources.get("CPU", 1) // spec.cpus_per_worker))
+
+
+def _watch(ray: Any, refs: list[Any], url: str, experiment: str, progress: bool) -> None:
+    """Shows live progress and reaps dead workers' trials until every worker returns."""
+    from svdsweep.storage import open_storage
+
+    storage = open_storage(url)
+    studies = [
+        optuna.load_study(study_name=study_name(experiment, optimizer), storage=storage)
+        for optimizer in OPTIMIZERS
+    ]
+    pending = list(refs)
+    with _live_status(progress) as show:
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+            for ref in refs:
+                if ref not in pending:
+                    _raise_worker_error(ray, ref, refs)
+            for study in studies:
+                retrying(lambda study=study: reap_stale_trials(study))
+            show(experiment_status(url, experiment))
+
+
+def _raise_worker_error(ray: Any, ref: Any, refs: list[Any]) -> None:
+    try:
+        ray.get(ref)
+    except Exception as error:  # noqa: BLE001 - any worker failure stops the sweep
+        for other in refs:
+            ray.cancel(other, force=True)
+        cause = getattr(error, "cause", None) or error
+        raise SweepError(f"a worker failed: {type(cause).__name__}: {cause}") from None
+
+
+def _stop_workers(ray: Any, refs: list[Any]) -> None:
+    """Asks workers to stop (KeyboardInterrupt in the task), then forces the stragglers."""
+    for ref in refs:
+        ray.cancel(ref, force=False)
+    deadline = time.monotonic() + 15
+    pending = list(refs)
+    while pending and time.monotonic() < deadline:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+    for ref in pending:
+        ray.cancel(ref, force=True)
+
+
+@contextlib.contextmanager
+def _live_status(enabled: bool) -> Iterator[Any]:
+    """A live table on a terminal; a line per change elsewhere (CI logs)."""
+    from rich.live import Live
+
+    from svdsweep.progress import stderr_console
+
+    if not enabled:
+        yield lambda status: None
+        return
+    if stderr_console.is_terminal:
+        with Live(console=stderr_console, refresh_per_second=2, transient=False) as live:
+            yield lambda status: live.update(status_table(status))
+        return
+    last: list[str] = []
+
+    def show(status: list[StudyStatus]) -> None:
+        line = "  |  ".join(status_line(study) for study in status)
+        if [line] != last:
+            print(line, file=sys.stderr, flush=True)
+            last[:] = [line]
+
+    yield show
+
+
+def status_line(study: StudyStatus) -> str:
+    best = "-" if study.best_value is None else f"{study.best_value:.4f} {study.best_params}"
+    c = study.counts
+    return (
+        f"{study.optimizer}: {study.finished}/{study.budget} done, {c['RUNNING']} running, "
+        f"{c['FAIL']} failed, best {best}"
+    )
+
+
+def status_table(status: list[StudyStatus]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="svdsweep")
+    for column in ("study", "done", "running", "failed", "pruned", "best val loss", "best params"):
+        table.add_column(column)
+    for study in status:
+        table.add_row(
+            study.name,
+            f"{study.finished}/{study.budget}",
+            str(study.counts["RUNNING"]),
+            str(study.counts["FAIL"]),
+            str(study.counts["PRUNED"]),
+            "-" if study.best_value is None else f"{study.best_value:.4f}",
+            "-" if study.best_params is None else _format_params(study.best_params),
+        )
+    return table
+
+
+def _format_params(params: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
+        for name, value in params.items()
+    )
+
+
+def _say(message: str, enabled: bool) -> None:
+    if enabled:
+        print(message, file=sys.stderr, flush=True)
+

@@ -1,0 +1,286 @@
+"""The worker loop: claim a trial slot, train, tell, repeat until both budgets are met.
+
+This is the unit Ray runs (one per GPU), and what ``svdsweep worker`` runs by
+hand against the same storage. Workers *pull*: each claims its next trial from
+whichever study has the most room left, so both studies progress together, and
+Optuna's storage is the single source of truth for what has been done.
+
+Exact budgets: a slot is claimed under :func:`~svdsweep.storage.budget_lock` by
+counting COMPLETE + PRUNED + RUNNING trials and asking only while that count is
+below the budget. A trial that FAILs (its worker was killed, or the run
+crashed) frees its slot, and the retry callback re-queues its parameters.
+Workers whose own studies are full keep polling while other workers' trials
+are RUNNING, so that the slot of a trial killed at the very end is still
+refilled, and the sweep ends with exactly the budget and nothing RUNNING.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from svdsweep.space import StudySettings, suggest
+from svdsweep.storage import Heartbeat, budget_lock, open_storage, reap_stale_trials, retrying
+from svdsweep.studies import load_settings, study_name
+from svdsweep.train import OPTIMIZERS, ReportCallback, TrainConfig, TrainingDiverged, TrainResult
+
+__all__ = ["Objective", "WorkerError", "WorkerSummary", "run_worker", "training_objective"]
+
+log = logging.getLogger(__name__)
+
+#: ``objective(config, report) -> TrainResult``: the trainer, or a cheap
+#: stand-in in orchestration tests.
+Objective = Callable[[TrainConfig, ReportCallback], TrainResult]
+
+CLAIMED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+
+
+class WorkerError(RuntimeError):
+    """The worker stopped because its trials keep failing (a bug, not bad luck)."""
+
+
+@dataclass
+class WorkerSummary:
+    worker_id: int
+    host: str
+    node_ip: str | None
+    gpu_ids: list[str]
+    trials: list[tuple[str, int, str]] = field(default_factory=list)  # (study, number, state)
+
+
+def training_objective() -> Objective:
+    """The real objective: :func:`svdsweep.train.train`, loading each dataset once per worker."""
+    from svdsweep.data import load_splits
+    from svdsweep.train import resolve_device, train
+
+    cache: dict[tuple[Any, ...], Any] = {}
+
+    def objective(config: TrainConfig, report: ReportCallback) -> TrainResult:
+        device = resolve_device(config.device)
+        key = (config.dataset, config.data_dir, config.train_subset, str(device))
+        if key not in cache:
+            cache.clear()
+            cache[key] = load_splits(
+                config.dataset,
+                data_dir=config.data_dir,
+                device=device,
+                train_subset=config.train_subset,
+            )
+        return train(config, report, splits=cache[key])
+
+    return objective
+
+
+def run_worker(
+    storage_url: str | None,
+    experiment: str,
+    *,
+    worker_id: int = 0,
+    seed: int = 0,
+    objective: Objective | None = None,
+    sweep_id: str | None = None,
+    poll_seconds: float = 1.0,
+    max_consecutive_failures: int = 3,
+    max_trials: int | None = None,
+) -> WorkerSummary:
+    """Runs trials of ``experiment`` until both studies have their budget.
+
+    ``seed`` and ``worker_id`` seed this worker's samplers: each worker gets its
+    own seed, otherwise parallel workers would propose identical parameters.
+    ``max_trials`` stops after that many trials (for tests and manual runs).
+    """
+    objective = objective or training_objective()
+    storage = open_storage(storage_url)
+    url = storage.url
+    studies: dict[str, tuple[optuna.Study, StudySettings]] = {}
+    for optimizer in OPTIMIZERS:
+        settings = load_settings(storage, experiment, optimizer)
+        sampler = optuna.samplers.TPESampler(
+            seed=_sampler_seed(seed, worker_id, optimizer), constant_liar=True
+        )
+        pruner: optuna.pruners.BasePruner = (
+            optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+            if settings.pruner == "median"
+            else optuna.pruners.NopPruner()
+        )
+        study = retrying(
+            partial(
+                optuna.load_study,
+                study_name=study_name(experiment, optimizer),
+                storage=storage,
+                sampler=sampler,
+                pruner=pruner,
+            )
+        )
+        studies[optimizer] = (study, settings)
+
+    summary = WorkerSummary(worker_id, socket.gethostname(), _node_ip(), _gpu_ids())
+    failures = 0
+    while max_trials is None or len(summary.trials) < max_trials:
+        for study, _ in studies.values():
+            reap_stale_trials(study)
+        claim = retrying(lambda: _claim(url, experiment, studies))
+        if claim is None:
+            if all(_finished(study) >= settings.budget for study, settings in studies.values()):
+                break
+            time.sleep(poll_seconds)  # others' trials are running; one may yet free its slot
+            continue
+        study, settings, trial = claim
+        state = _run_trial(study, settings, trial, storage, objective, summary, sweep_id)
+        summary.trials.append((study.study_name, trial.number, state.name))
+        failures = failures + 1 if state == TrialState.FAIL else 0
+        if failures >= max_consecutive_failures:
+            raise WorkerError(
+                f"worker {worker_id}: {failures} trials failed in a row; last error: "
+                f"{study.trials[trial.number].user_attrs.get('error', '?')}"
+            )
+    return summary
+
+
+def _claim(
+    url: str, experiment: str, studies: dict[str, tuple[optuna.Study, StudySettings]]
+) -> tuple[optuna.Study, StudySettings, optuna.Trial] | None:
+    """Atomically asks for a trial in the study with the most room, if any has room."""
+    with budget_lock(url, experiment):
+        room = []
+        for study, settings in studies.values():
+            claimed = len(study.get_trials(deepcopy=False, states=CLAIMED))
+            if claimed < settings.budget:
+                room.append((claimed / settings.budget, study.study_name, study, settings))
+        if not room:
+            return None
+        _, _, study, settings = min(room, key=lambda entry: entry[:2])
+        return study, settings, study.ask()
+
+
+def _run_trial(
+    study: optuna.Study,
+    settings: StudySettings,
+    trial: optuna.Trial,
+    storage: Any,
+    objective: Objective,
+    summary: WorkerSummary,
+    sweep_id: str | None,
+) -> TrialState:
+    from svdsweep import __version__
+
+    started = time.time()
+    with Heartbeat(storage, trial._trial_id):
+        attrs: dict[str, Any] = {
+            "worker_host": summary.host,
+            "worker_node_ip": summary.node_ip,
+            "worker_id": summary.worker_id,
+            "gpu_ids": summary.gpu_ids,
+            "svdsweep_version": __version__,
+        }
+        if sweep_id:
+            attrs["sweep_id"] = sweep_id
+        curves: dict[str, list[float]] = {}
+
+        def report(epoch: int, metrics: dict[str, float]) -> None:
+            for name, value in metrics.items():
+                curves.setdefault(name, []).append(value)
+            retrying(lambda: trial.report(metrics["val_loss"], epoch))
+            if retrying(trial.should_prune):
+                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+        value: float | None = None
+        try:
+            config = suggest(trial, settings)
+            result = objective(config, report)
+            attrs.update(
+                device=result.device,
+                curves=_curves(result),
+                epoch_seconds=result.epoch_seconds,
+                started_at=result.started_at,
+                finished_at=result.finished_at,
+            )
+            value, state = result.val_loss[-1], TrialState.COMPLETE
+        except optuna.TrialPruned:
+            attrs["curves"], state = curves, TrialState.PRUNED
+        except TrainingDiverged as error:
+            # A learning rate so high that training blows up is a legitimate,
+            # terrible result: it counts toward the budget with value +inf.
+            attrs.update(curves=curves, diverged=str(error))
+            value, state = float("inf"), TrialState.COMPLETE
+        except BaseException as error:
+            attrs.update(curves=curves, error=f"{type(error).__name__}: {error}"[:2000])
+            _finish(study, trial, attrs, started, None, TrialState.FAIL)
+            if not isinstance(error, Exception):
+                raise  # KeyboardInterrupt, SystemExit: the trial is FAIL, not RUNNING
+            log.exception("trial %d of %s failed", trial.number, study.study_name)
+            return TrialState.FAIL
+        _finish(study, trial, attrs, started, value, state)
+        return state
+
+
+def _finish(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    attrs: dict[str, Any],
+    started: float,
+    value: float | None,
+    state: TrialState,
+) -> None:
+    attrs["duration_s"] = round(time.time() - started, 3)
+    for key, attr in attrs.items():
+        retrying(partial(trial.set_user_attr, key, attr))
+    retrying(
+        lambda: study.tell(
+            trial, value if state == TrialState.COMPLETE else None, state, skip_if_finished=True
+        )
+    )
+
+
+def _curves(result: TrainResult) -> dict[str, Any]:
+    curves: dict[str, Any] = {
+        "train_loss": result.train_loss,
+        "val_loss": result.val_loss,
+        "val_acc": result.val_acc,
+    }
+    if result.energy:
+        curves["energy"] = result.energy
+    return curves
+
+
+def _finished(study: optuna.Study) -> int:
+    states = (TrialState.COMPLETE, TrialState.PRUNED)
+    return len(retrying(lambda: study.get_trials(deepcopy=False, states=states)))
+
+
+def _sampler_seed(seed: int, worker_id: int, optimizer: str) -> int:
+    return (seed * 1_000_003 + worker_id * 7_919 + zlib.crc32(optimizer.encode())) % 2**31
+
+
+def _gpu_ids() -> list[str]:
+    """The GPUs Ray assigned to this worker, else those visible to the process."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return [str(gpu) for gpu in ray.get_gpu_ids()]
+    except ImportError:  # pragma: no cover - ray is a dependency
+        pass
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return [gpu for gpu in visible.split(",") if gpu]
+
+
+def _node_ip() -> str | None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return str(ray.util.get_node_ip_address())
+    except ImportError:  # pragma: no cover
+        pass
+    return None
