@@ -36,9 +36,23 @@ class UserError(Exception):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from svdsweep.data import DataNotFoundError
+    from svdsweep.storage import StorageError
     from svdsweep.train import TrainingDiverged
 
-    return (UserError, ValueError, DataNotFoundError, TrainingDiverged, PermissionError)
+    errors: tuple[type[BaseException], ...] = (
+        UserError,
+        ValueError,
+        DataNotFoundError,
+        TrainingDiverged,
+        PermissionError,
+        StorageError,
+    )
+    if "svdsweep.sweep" in sys.modules:  # only loaded by the commands that use Ray
+        from svdsweep.sweep import SweepError
+        from svdsweep.worker import WorkerError
+
+        errors += (SweepError, WorkerError)
+    return errors
 
 
 def friendly_errors(command: F) -> F:
@@ -150,6 +164,165 @@ def bench_optimizer(
         typer.echo(json.dumps(figures, indent=2))
     else:
         print_report(figures)
+
+
+StorageOption = Annotated[
+    str | None,
+    typer.Option(
+        "--storage",
+        help="Optuna storage URL (else $SVDSWEEP_STORAGE, else sqlite:///svdsweep.db)",
+    ),
+]
+ExperimentOption = Annotated[
+    str,
+    typer.Option("--experiment", help="names the pair of studies: <NAME>-adam, <NAME>-svd-adam"),
+]
+RayAddressOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address", help="auto, HOST:PORT of a Ray cluster, or local (else $RAY_ADDRESS)"
+    ),
+]
+RayNodeIpOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-node-ip",
+        help="loopback address of a Ray started here (else $SVDSWEEP_RAY_NODE_IP, else 127.0.0.2)",
+    ),
+]
+
+
+@app.command()
+@friendly_errors
+def sweep(
+    storage: StorageOption = None,
+    experiment: ExperimentOption = "fashion-mnist-mlp",
+    trials: Annotated[int, typer.Option(help="finished trials per study")] = 30,
+    workers: Annotated[
+        int | None, typer.Option(help="Ray workers (default: one per GPU, else per CPU)")
+    ] = None,
+    gpus_per_worker: Annotated[
+        float | None, typer.Option(help="GPUs each worker reserves: 1, 0 or a fraction")
+    ] = None,
+    cpus_per_worker: Annotated[float, typer.Option(help="CPUs each worker reserves")] = 1.0,
+    ray_address: RayAddressOption = None,
+    ray_node_ip: RayNodeIpOption = None,
+    trial_epochs: Annotated[int, typer.Option(help="epochs per trial")] = 5,
+    dataset: Annotated[str, typer.Option(help="fashion-mnist or mnist")] = "fashion-mnist",
+    model: Annotated[str, typer.Option(help="mlp or cnn")] = "mlp",
+    method: Annotated[str, typer.Option(help="low-rank method of svd-adam")] = "default",
+    train_subset: Annotated[
+        int | None, typer.Option(help="train each trial on the first N images only")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="training seed of every trial; seeds samplers")] = 0,
+    pruner: Annotated[str, typer.Option(help="none or median")] = "none",
+    lr_range: Annotated[tuple[float, float], typer.Option(help="log-uniform lr range searched")] = (
+        1e-4,
+        1e-1,
+    ),
+    k_range: Annotated[tuple[int, int], typer.Option(help="k range searched")] = (1, 64),
+) -> None:
+    """Create or resume both studies and run trials on Ray workers until both budgets are met."""
+    from svdsweep.space import SearchSpace
+    from svdsweep.sweep import SweepSpec, run_sweep
+
+    spec = SweepSpec(
+        storage=storage,
+        experiment=experiment,
+        trials=trials,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker,
+        ray_address=ray_address,
+        ray_node_ip=ray_node_ip,
+        trial_epochs=trial_epochs,
+        dataset=dataset,
+        model=model,
+        method=method,
+        train_subset=train_subset,
+        seed=seed,
+        pruner=pruner,
+        space=SearchSpace(lr_range[0], lr_range[1], k_range[0], k_range[1]),
+    )
+    final = run_sweep(spec)
+    _print_status(final)
+
+
+@app.command()
+@friendly_errors
+def worker(
+    storage: StorageOption = None,
+    experiment: ExperimentOption = "fashion-mnist-mlp",
+    worker_id: Annotated[int, typer.Option(help="distinguishes this worker's sampler seed")] = 0,
+    seed: Annotated[int, typer.Option(help="base sampler seed")] = 0,
+    max_trials: Annotated[int | None, typer.Option(help="stop after this many trials")] = None,
+) -> None:
+    """Run the worker loop here, against an experiment that `svdsweep sweep` created."""
+    from svdsweep.worker import run_worker
+
+    summary = run_worker(storage, experiment, worker_id=worker_id, seed=seed, max_trials=max_trials)
+    for study, number, state in summary.trials:
+        typer.echo(f"{study} trial {number}: {state}")
+
+
+@app.command()
+@friendly_errors
+def status(
+    storage: StorageOption = None,
+    experiment: ExperimentOption = "fashion-mnist-mlp",
+    as_json: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
+) -> None:
+    """Trials per state, best value and best parameters of both studies."""
+    from svdsweep.studies import experiment_status
+
+    result = experiment_status(storage, experiment)
+    if as_json:
+        typer.echo(json.dumps([study.to_dict() for study in result], indent=2))
+    else:
+        _print_status(result)
+
+
+def _print_status(result: list[Any]) -> None:
+    from rich.console import Console
+
+    from svdsweep.sweep import status_table
+
+    Console().print(status_table(result))
+
+
+@app.command()
+@friendly_errors
+def dashboard(
+    storage: StorageOption = None,
+    artifact_dir: Annotated[
+        Path | None,
+        typer.Option(help="artifact store shared with the reporter (else $SVDSWEEP_ARTIFACT_DIR)"),
+    ] = None,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8080,
+) -> None:
+    """Serve optuna-dashboard on the project's storage and artifact store."""
+    import optuna_dashboard
+
+    from svdsweep.storage import open_storage
+
+    directory = artifact_dir or _env_path("SVDSWEEP_ARTIFACT_DIR")
+    store = None
+    if directory is not None:
+        from optuna.artifacts import FileSystemArtifactStore
+
+        directory.mkdir(parents=True, exist_ok=True)
+        store = FileSystemArtifactStore(str(directory))
+    opened = open_storage(storage, heartbeat=False, create=False)
+    typer.echo(f"optuna-dashboard on http://{host}:{port}/ (Ctrl-C to stop)", err=True)
+    optuna_dashboard.run_server(opened, host=host, port=port, artifact_store=store)
+
+
+def _env_path(name: str) -> Path | None:
+    import os
+
+    value = os.environ.get(name)
+    return Path(value) if value else None
 
 
 def main() -> None:

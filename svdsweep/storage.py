@@ -102,14 +102,21 @@ def redact(url: str) -> str:
         return url
 
 
-def open_storage(url: str | None = None, *, heartbeat: bool = True) -> RDBStorage:
+def open_storage(
+    url: str | None = None, *, heartbeat: bool = True, create: bool = True
+) -> RDBStorage:
     """An :class:`RDBStorage` for ``url`` whose workers can be reaped when they die.
 
     Raises :class:`StorageError` with a one-line reason when the database is
-    unreachable or the URL is wrong.
+    unreachable or the URL is wrong, at once: retries are for databases that
+    go away mid-sweep, not for typos. With ``create=False`` (commands that
+    only read) a missing SQLite file is an error instead of a new empty file.
     """
     resolved = resolve_storage_url(url)
-    backend = sqlalchemy.engine.make_url(resolved).get_backend_name()
+    parsed = sqlalchemy.engine.make_url(resolved)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite" and not create and not Path(parsed.database or "").is_file():
+        raise StorageError(f"no SQLite storage at {Path(parsed.database or '').resolve()}")
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if backend == "postgresql":
         engine_kwargs["connect_args"] = {"connect_timeout": 5}
@@ -125,10 +132,7 @@ def open_storage(url: str | None = None, *, heartbeat: bool = True) -> RDBStorag
             "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
         }
     try:
-        return retrying(
-            lambda: RDBStorage(resolved, engine_kwargs=engine_kwargs, **heartbeat_kwargs),
-            seconds=min(RETRY_SECONDS, 10.0),
-        )
+        return RDBStorage(resolved, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
     except Exception as error:  # noqa: BLE001 - any failure to open is for the user to fix
         raise StorageError(f"cannot open storage {redact(resolved)}: {_reason(error)}") from None
 

@@ -127,7 +127,7 @@ class StudyStatus:
 
 def experiment_status(storage_url: str | None, experiment: str) -> list[StudyStatus]:
     """Status of both studies; :class:`ExperimentError` when neither exists."""
-    storage = open_storage(storage_url, heartbeat=False)
+    storage = open_storage(storage_url, heartbeat=False, create=False)
     names = retrying(lambda: {s.study_name for s in storage.get_all_studies()})
     wanted = [opt for opt in OPTIMIZERS if study_name(experiment, opt) in names]
     if not wanted:

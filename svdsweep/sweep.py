@@ -18,7 +18,8 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import optuna
@@ -68,7 +69,7 @@ class SweepSpec:
     train_subset: int | None = None
     seed: int = 0
     pruner: str = "none"
-    space: SearchSpace = SearchSpace()
+    space: SearchSpace = field(default_factory=SearchSpace)
 
 
 def study_settings(spec: SweepSpec) -> list[StudySettings]:
@@ -167,7 +168,9 @@ def ray_session(address: str | None, node_ip: str | None = None) -> Iterator[Any
             else:
                 ray.init(address="local", include_dashboard=False, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as error:
-            raise SweepError(f"cannot start or reach Ray at {address or 'local'}: {error}") from None
+            raise SweepError(
+                f"cannot start or reach Ray at {address or 'local'}: {error}"
+            ) from None
     try:
         yield ray
     finally:
@@ -221,7 +224,7 @@ def _watch(ray: Any, refs: list[Any], url: str, experiment: str, progress: bool)
                 if ref not in pending:
                     _raise_worker_error(ray, ref, refs)
             for study in studies:
-                retrying(lambda study=study: reap_stale_trials(study))
+                retrying(partial(reap_stale_trials, study))
             show(experiment_status(url, experiment))
 
 
@@ -310,4 +313,3 @@ def _format_params(params: dict[str, Any]) -> str:
 def _say(message: str, enabled: bool) -> None:
     if enabled:
         print(message, file=sys.stderr, flush=True)
-
