@@ -5,7 +5,13 @@ and the CLI live in their own modules and are not imported here, so that
 ``import svdsweep`` stays light (no Optuna, no Ray).
 """
 
+import os
 from importlib.metadata import PackageNotFoundError, version
+
+# Ray 2.60 reads its auth mode once, when ray is first imported, and every
+# process of a cluster (head, nodes, drivers, workers) must agree on it.
+# svdsweep's clusters use token auth; set RAY_AUTH_MODE=disabled to opt out.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 from svdsweep.optim import DEFAULT_METHOD, METHODS, NonFiniteGradientError, SVDGradient
 from svdsweep.train import TrainConfig, TrainingDiverged, TrainResult, train

@@ -327,6 +327,13 @@ def _env_path(name: str) -> Path | None:
 
 def main() -> None:
     """Console-script entry point."""
+    import logging
+
+    import optuna
+
+    # Optuna logs every study creation at INFO; the CLI prints what matters itself.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     sys.exit(app())
 
 

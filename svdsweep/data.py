@@ -114,7 +114,7 @@ def resolve_raw_dir(dataset: str, data_dir: str | os.PathLike[str] | None = None
     except Exception as error:  # noqa: BLE001 - any download failure means "not found"
         tried.append(f"download into {cached}: {type(error).__name__}: {error}".splitlines()[0])
     hint = (
-        "install Debian's package (apt-get install -y dataset-fashion-mnist), "
+        "install Debian's package (apt-get install -y dataset-fashion-mnist), or "
         if dataset == "fashion-mnist"
         else ""
     )
@@ -123,7 +123,7 @@ def resolve_raw_dir(dataset: str, data_dir: str | os.PathLike[str] | None = None
         + "; ".join(tried)
         + ". Fix: "
         + hint
-        + "or point --data-dir / SVDSWEEP_DATA_DIR at a directory holding "
+        + "point --data-dir / SVDSWEEP_DATA_DIR at a directory holding "
         + ", ".join(f"{name}[.gz]" for name in RAW_FILES)
     )
 

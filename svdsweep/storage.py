@@ -57,6 +57,8 @@ T = TypeVar("T")
 # Heartbeats and their retry callback are "experimental" in Optuna since 2.8;
 # svdsweep relies on them knowingly, so the warning would only be noise.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+# svdsweep's workers use ask/tell with their own Heartbeat thread, on purpose.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 
 DEFAULT_STORAGE = "sqlite:///svdsweep.db"
 #: Seconds between heartbeats of a running trial, and after which a trial

@@ -127,13 +127,16 @@ def run_worker(
     summary = WorkerSummary(worker_id, socket.gethostname(), _node_ip(), _gpu_ids())
     failures = 0
     while max_trials is None or len(summary.trials) < max_trials:
-        for study, _ in studies.values():
-            reap_stale_trials(study)
         claim = retrying(lambda: _claim(url, experiment, studies))
         if claim is None:
             if all(_finished(study) >= settings.budget for study, settings in studies.values()):
                 break
-            time.sleep(poll_seconds)  # others' trials are running; one may yet free its slot
+            # Every slot is taken, but a RUNNING trial may belong to a dead
+            # worker: reap it (Optuna would only do so inside optimize()), so
+            # that its slot is refilled even when it was the last one.
+            for study, _ in studies.values():
+                retrying(partial(reap_stale_trials, study))
+            time.sleep(poll_seconds)
             continue
         study, settings, trial = claim
         state = _run_trial(study, settings, trial, storage, objective, summary, sweep_id)
@@ -196,7 +199,7 @@ def _run_trial(
 
         value: float | None = None
         try:
-            config = suggest(trial, settings)
+            config = retrying(partial(suggest, trial, settings))
             result = objective(config, report)
             attrs.update(
                 device=result.device,

@@ -169,10 +169,13 @@ def captured_energy(singular_values: Tensor, frobenius_norm: Tensor) -> Tensor:
     so for orthogonal-projection methods this is exactly ‖Ĝ_k‖²/‖G‖².
     ``frobenius_norm`` is ‖G‖, passed in because the caller usually has it
     already. A zero matrix keeps all of its (zero) energy, so the fraction is 1.
+    The fraction is clamped to 1: when G has rank <= k, the float32 singular
+    values and norm would otherwise round to a kept energy slightly above all.
     """
     total = frobenius_norm.float().square()
     kept = singular_values.float().square().sum()
-    return torch.where(total > 0, kept / total.clamp_min(torch.finfo(total.dtype).tiny), 1.0)
+    fraction = (kept / total.clamp_min(torch.finfo(total.dtype).tiny)).clamp_max(1.0)
+    return torch.where(total > 0, fraction, 1.0)
 
 
 def _all_singular_values(matrix: Tensor) -> Tensor:

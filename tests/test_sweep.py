@@ -1,0 +1,479 @@
+"""The distributed sweep against real PostgreSQL, real SQLite and a real (local) Ray.
+
+Orchestration tests use a cheap objective (tests/cheap_objective.py); the
+integration test at the end trains for real through the CLI.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import cheap_objective
+import optuna
+import psycopg2
+import pytest
+import ray
+import ray.cloudpickle
+from cheap_objective import cheap_objective as objective
+from optuna.trial import TrialState
+
+from svdsweep import storage as storage_module
+from svdsweep.space import SearchSpace
+from svdsweep.studies import ExperimentError, create_or_resume, experiment_status, study_name
+from svdsweep.sweep import SweepSpec, run_sweep, study_settings
+from svdsweep.train import OPTIMIZERS
+from svdsweep.worker import run_worker
+
+# Ray workers cannot import the tests directory: ship the objective by value.
+ray.cloudpickle.register_pickle_by_value(cheap_objective)
+
+REPO = Path(__file__).resolve().parents[1]
+SVDSWEEP = str(REPO / ".venv" / "bin" / "svdsweep")
+HEARTBEAT = {"SVDSWEEP_HEARTBEAT_INTERVAL": "1", "SVDSWEEP_GRACE_PERIOD": "3"}
+
+
+def _admin_connection() -> psycopg2.extensions.connection:
+    connection = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+    connection.autocommit = True
+    return connection
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database per test, dropped afterwards."""
+    name = f"svdsweep_test_{uuid.uuid4().hex[:10]}"
+    connection = _admin_connection()
+    connection.cursor().execute(f'CREATE DATABASE "{name}"')
+    connection.close()
+    yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    connection = _admin_connection()
+    connection.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    connection.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/sweep.db"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray() -> Iterator[None]:
+    """One loopback-only Ray for the module: 2 CPUs and 2 fake GPUs, token auth.
+
+    Workers inherit the short heartbeat settings, so that dead workers are
+    noticed within seconds.
+    """
+    saved = dict(os.environ)
+    os.environ.update(HEARTBEAT, RAY_AUTH_MODE="token", SVDSWEEP_RAY_LOGS="0")
+    ray.init(
+        address="local",
+        _node_ip_address="127.0.0.2",
+        num_cpus=2,
+        num_gpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
+    yield
+    ray.shutdown()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
+def short_heartbeats(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(storage_module, "HEARTBEAT_INTERVAL", 1)
+    monkeypatch.setattr(storage_module, "GRACE_PERIOD", 3)
+
+
+def _trials(url: str, experiment: str, optimizer: str) -> list[optuna.trial.FrozenTrial]:
+    study = optuna.load_study(study_name=study_name(experiment, optimizer), storage=url)
+    return study.get_trials(deepcopy=False)
+
+
+def _states(url: str, experiment: str, optimizer: str) -> dict[str, int]:
+    counts = {state.name: 0 for state in TrialState}
+    for trial in _trials(url, experiment, optimizer):
+        counts[trial.state.name] += 1
+    return counts
+
+
+def _max_overlap(trials: list[optuna.trial.FrozenTrial]) -> int:
+    events = []
+    for trial in trials:
+        if "started_at" in trial.user_attrs:
+            events += [(trial.user_attrs["started_at"], 1), (trial.user_attrs["finished_at"], -1)]
+    running = best = 0
+    for _, step in sorted(events):
+        running += step
+        best = max(best, running)
+    return best
+
+
+def test_budget_is_exact_with_eight_concurrent_workers(storage_url: str) -> None:
+    """Stock MaxTrialsCallback overshoots to n + workers; the claim lock must not."""
+    repetitions = 2 if storage_url.startswith("postgresql") else 1  # the deployment path twice
+    for repetition in range(repetitions):
+        experiment = f"exact{repetition}"
+        spec = SweepSpec(
+            storage=storage_url,
+            experiment=experiment,
+            trials=20,
+            workers=8,
+            gpus_per_worker=0,
+            cpus_per_worker=0.25,
+            trial_epochs=1,
+            seed=repetition,
+        )
+        final = run_sweep(spec, objective=objective, progress=False)
+        assert [study.finished for study in final] == [20, 20]
+        for optimizer in OPTIMIZERS:
+            counts = _states(storage_url, experiment, optimizer)
+            assert counts["COMPLETE"] == 20, counts
+            assert counts["RUNNING"] == counts["WAITING"] == 0, counts
+            trials = _trials(storage_url, experiment, optimizer)
+            params = [tuple(sorted(t.params.items())) for t in trials]
+            assert len(set(params)) == len(params), "two workers proposed the same parameters"
+        both = _trials(storage_url, experiment, "adam") + _trials(
+            storage_url, experiment, "svd-adam"
+        )
+        assert _max_overlap(both) > 1, "trials never ran concurrently"
+        assert len({t.user_attrs["worker_id"] for t in both}) > 1
+
+
+def test_trials_record_what_the_issue_asks(pg_url: str) -> None:
+    spec = SweepSpec(storage=pg_url, experiment="attrs", trials=3, workers=2, trial_epochs=2)
+    run_sweep(spec, objective=objective, progress=False)
+    for optimizer in OPTIMIZERS:
+        for trial in _trials(pg_url, "attrs", optimizer):
+            attrs = trial.user_attrs
+            assert len(attrs["curves"]["val_loss"]) == 2
+            assert trial.value == attrs["curves"]["val_loss"][-1]
+            assert attrs["worker_host"] and attrs["worker_node_ip"] == "127.0.0.2"
+            assert attrs["device"] == "cpu"
+            assert attrs["duration_s"] > 0
+            assert attrs["svdsweep_version"]
+            # Two fake GPUs, one per worker: each trial sees exactly one id.
+            assert len(attrs["gpu_ids"]) == 1
+            assert set(trial.params) == ({"lr"} if optimizer == "adam" else {"lr", "k"})
+
+
+def test_workers_get_distinct_gpus(pg_url: str) -> None:
+    spec = SweepSpec(storage=pg_url, experiment="gpus", trials=6, trial_epochs=2)
+    final = run_sweep(spec, objective=objective, progress=False)  # 1 GPU per worker by default
+    assert [study.finished for study in final] == [6, 6]
+    trials = _trials(pg_url, "gpus", "adam") + _trials(pg_url, "gpus", "svd-adam")
+    by_worker: dict[int, set[str]] = {}
+    for trial in trials:
+        by_worker.setdefault(trial.user_attrs["worker_id"], set()).update(
+            trial.user_attrs["gpu_ids"]
+        )
+    assert sorted(by_worker) == [0, 1], "one worker per (fake) GPU"
+    assert all(len(ids) == 1 for ids in by_worker.values())
+    assert by_worker[0] != by_worker[1]
+
+
+def test_resuming_full_studies_starts_nothing(
+    storage_url: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    spec = SweepSpec(storage=storage_url, experiment="resume", trials=2, workers=2, trial_epochs=1)
+    run_sweep(spec, objective=objective, progress=False)
+    before = {opt: len(_trials(storage_url, "resume", opt)) for opt in OPTIMIZERS}
+    capfd.readouterr()
+    final = run_sweep(spec, objective=objective)
+    assert "nothing to run" in capfd.readouterr().err
+    assert [study.finished for study in final] == [2, 2]
+    assert {opt: len(_trials(storage_url, "resume", opt)) for opt in OPTIMIZERS} == before
+    # A larger budget resumes the same studies and adds exactly the difference.
+    grown = run_sweep(
+        SweepSpec(storage=storage_url, experiment="resume", trials=3, workers=2, trial_epochs=1),
+        objective=objective,
+        progress=False,
+    )
+    assert [study.finished for study in grown] == [3, 3]
+
+
+def test_a_study_with_another_search_space_is_refused(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/space.db"
+    spec = SweepSpec(storage=url, experiment="space", trials=2)
+    create_or_resume(url, "space", study_settings(spec))
+    other = SweepSpec(
+        storage=url, experiment="space", trials=2, space=SearchSpace(lr_low=1e-3, lr_high=1e-2)
+    )
+    with pytest.raises(ExperimentError, match="lr_high"):
+        run_sweep(other, objective=objective, progress=False)
+    # The stored settings are untouched, and the CLI says it in one line.
+    assert json.loads(
+        optuna.load_study(study_name="space-adam", storage=url).user_attrs["svdsweep_settings"]
+    )["space"]["lr_high"] == pytest.approx(0.1)
+    result = subprocess.run(
+        [
+            SVDSWEEP,
+            "sweep",
+            "--storage",
+            url,
+            "--experiment",
+            "space",
+            "--lr-range",
+            "1e-3",
+            "1e-2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error: study 'space-adam' already exists")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_median_pruning_counts_toward_the_budget(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/prune.db"
+    spec = SweepSpec(
+        storage=url, experiment="prune", trials=14, workers=2, trial_epochs=4, pruner="median"
+    )
+    final = run_sweep(spec, objective=objective, progress=False)
+    assert [study.finished for study in final] == [14, 14]
+    pruned = sum(_states(url, "prune", opt)["PRUNED"] for opt in OPTIMIZERS)
+    assert pruned > 0
+    assert all(_states(url, "prune", opt)["RUNNING"] == 0 for opt in OPTIMIZERS)
+
+
+_WORKER_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    from cheap_objective import cheap_objective
+    from svdsweep.worker import run_worker
+    run_worker({url!r}, {experiment!r}, worker_id=7, objective=cheap_objective)
+    """
+)
+
+
+def test_a_killed_workers_last_trial_is_reaped_and_retried(pg_url: str) -> None:
+    """SIGKILL mid-trial: heartbeats go stale, the trial is FAILed and its params rerun."""
+    spec = SweepSpec(storage=pg_url, experiment="kill", trials=2)
+    create_or_resume(pg_url, "kill", study_settings(spec))
+    script = _WORKER_SCRIPT.format(tests=str(REPO / "tests"), url=pg_url, experiment="kill")
+    doomed = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env={**os.environ, **HEARTBEAT, "SVDSWEEP_TEST_TRIAL_SECONDS": "600"},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        running: list[optuna.trial.FrozenTrial] = []
+        while not running and time.monotonic() < deadline:
+            time.sleep(0.5)
+            running = [
+                t
+                for opt in OPTIMIZERS
+                for t in _trials(pg_url, "kill", opt)
+                if t.state == TrialState.RUNNING and t.params
+            ]
+        assert running, "the worker never started a trial"
+        time.sleep(1.5)  # let it beat at least once
+    finally:
+        doomed.send_signal(signal.SIGKILL)
+        doomed.wait(timeout=30)
+    killed = running[0]
+    killed_study = "adam" if killed.params.keys() == {"lr"} else "svd-adam"
+
+    # A fresh worker fills every other slot, then waits for the dead trial's
+    # grace period and runs its parameters again, although it was the last one.
+    summary = run_worker(pg_url, "kill", worker_id=1, objective=objective, poll_seconds=0.5)
+    assert len(summary.trials) == 4
+    for optimizer in OPTIMIZERS:
+        counts = _states(pg_url, "kill", optimizer)
+        assert counts["COMPLETE"] == 2 and counts["RUNNING"] == 0 and counts["WAITING"] == 0
+    trials = _trials(pg_url, "kill", killed_study)
+    assert trials[killed.number].state == TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert retries[0].params == killed.params
+
+
+def test_the_sweep_survives_a_postgres_restart(pg_url: str) -> None:
+    spec = SweepSpec(
+        storage=pg_url,
+        experiment="restart",
+        trials=12,
+        workers=2,
+        gpus_per_worker=0,
+        trial_epochs=4,
+    )
+    outcome: dict[str, object] = {}
+
+    def sweep() -> None:
+        try:
+            slow = functools.partial(objective, seconds=1.0)
+            outcome["final"] = run_sweep(spec, objective=slow, progress=False)
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=sweep)
+    try:
+        thread.start()
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                if sum(s.finished for s in experiment_status(pg_url, "restart")) >= 3:
+                    break
+            except Exception:  # noqa: BLE001 - the studies may not exist yet
+                continue
+        cluster = os.listdir("/etc/postgresql")[0]
+        subprocess.run(
+            ["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", "restart"],
+            check=True,
+            timeout=60,
+        )
+    finally:
+        thread.join(timeout=240)
+    assert not thread.is_alive()
+    assert "error" not in outcome, outcome.get("error")
+    for optimizer in OPTIMIZERS:
+        counts = _states(pg_url, "restart", optimizer)
+        assert counts["COMPLETE"] + counts["PRUNED"] == 12, counts
+        assert counts["RUNNING"] == 0, counts
+
+
+_DRIVER_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    import ray.cloudpickle, cheap_objective
+    ray.cloudpickle.register_pickle_by_value(cheap_objective)
+    from svdsweep.sweep import SweepSpec, run_sweep
+    spec = SweepSpec(storage={url!r}, experiment="ctrlc", trials=4, workers=2,
+                     gpus_per_worker=0, trial_epochs=2, ray_node_ip="127.0.0.5")
+    try:
+        run_sweep(spec, objective=cheap_objective.cheap_objective)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    """
+)
+
+
+def test_ctrl_c_fails_running_trials_and_a_rerun_resumes(pg_url: str) -> None:
+    script = _DRIVER_SCRIPT.format(tests=str(REPO / "tests"), url=pg_url)
+    env = {**os.environ, **HEARTBEAT, "SVDSWEEP_TEST_TRIAL_SECONDS": "600", "RAY_ADDRESS": ""}
+    driver = subprocess.Popen([sys.executable, "-c", script], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        running = 0
+        while running < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                running = sum(s.counts["RUNNING"] for s in experiment_status(pg_url, "ctrlc"))
+            except Exception:  # noqa: BLE001 - not created yet
+                continue
+        assert running == 2, "both workers should be mid-trial"
+        driver.send_signal(signal.SIGINT)
+        assert driver.wait(timeout=90) == 130
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    status = experiment_status(pg_url, "ctrlc")
+    assert sum(s.counts["RUNNING"] for s in status) == 0
+    assert sum(s.counts["FAIL"] for s in status) == 2
+    failed = [
+        t for opt in OPTIMIZERS for t in _trials(pg_url, "ctrlc", opt) if t.state == TrialState.FAIL
+    ]
+    assert all(
+        "interrupted" in t.user_attrs.get("error", "")
+        or "KeyboardInterrupt" in t.user_attrs.get("error", "")
+        for t in failed
+    )
+    # The same command again resumes and finishes the budget exactly.
+    spec = SweepSpec(
+        storage=pg_url, experiment="ctrlc", trials=4, workers=2, gpus_per_worker=0, trial_epochs=2
+    )
+    final = run_sweep(spec, objective=objective, progress=False)
+    assert [study.finished for study in final] == [4, 4]
+
+
+def test_status_reports_counts_and_best_as_json(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/status.db"
+    run_sweep(
+        SweepSpec(storage=url, experiment="st", trials=3, workers=2, trial_epochs=1),
+        objective=objective,
+        progress=False,
+    )
+    result = subprocess.run(
+        [SVDSWEEP, "status", "--storage", url, "--experiment", "st", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    studies = json.loads(result.stdout)
+    assert [s["study"] for s in studies] == ["st-adam", "st-svd-adam"]
+    for study in studies:
+        assert study["finished"] == 3 and study["counts"]["COMPLETE"] == 3
+        assert study["best_value"] == min(
+            t.value for t in _trials(url, "st", study["optimizer"]) if t.value is not None
+        )
+        assert set(study["best_params"]) == (
+            {"lr"} if study["optimizer"] == "adam" else {"lr", "k"}
+        )
+    missing = subprocess.run(
+        [SVDSWEEP, "status", "--storage", f"sqlite:///{tmp_path}/none.db"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 1 and missing.stderr.startswith("error: no SQLite storage")
+    assert not (tmp_path / "none.db").exists()
+
+
+@pytest.mark.slow
+def test_a_real_training_sweep_through_the_cli(tmp_path: Path) -> None:
+    """The integration: svdsweep sweep trains real models on Ray workers."""
+    url = f"sqlite:///{tmp_path}/real.db"
+    env = {**os.environ, "RAY_ADDRESS": "", "SVDSWEEP_RAY_NODE_IP": "127.0.0.6"}
+    result = subprocess.run(
+        [
+            SVDSWEEP,
+            "sweep",
+            "--storage",
+            url,
+            "--experiment",
+            "real",
+            "--trials",
+            "2",
+            "--workers",
+            "2",
+            "--trial-epochs",
+            "1",
+            "--train-subset",
+            "2000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "real-adam" in result.stderr and "real-svd-adam" in result.stderr
+    for optimizer in OPTIMIZERS:
+        trials = _trials(url, "real", optimizer)
+        assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+        for trial in trials:
+            assert 0 < trial.value < 3  # a real cross-entropy, not a stand-in
+            assert 0.1 < trial.user_attrs["curves"]["val_acc"][-1] <= 1
+            if optimizer == "svd-adam":
+                assert 0 < trial.user_attrs["curves"]["energy"][0] <= 1
