@@ -62,8 +62,8 @@ def test_local_cluster_runs_sweep_dashboard_and_report(fresh_database: str, tmp_
 
     status = json.loads((tmp_path / "status.json").read_text())
     assert [(s["study"], s["finished"], s["counts"]["RUNNING"]) for s in status] == [
-        ("cluster-adam", 2, 0),
-        ("cluster-svd-adam", 2, 0),
+        ("cluster-adam", 3, 0),
+        ("cluster-svd-adam", 3, 0),
     ]
     nodes = {
         trial.user_attrs["worker_node_ip"]
@@ -72,6 +72,7 @@ def test_local_cluster_runs_sweep_dashboard_and_report(fresh_database: str, tmp_
             study_name=f"cluster-{optimizer}", storage=fresh_database
         ).get_trials(deepcopy=False)
     }
+    # Six trials of a few seconds each leave both workers time to start and pull.
     assert nodes == {"127.0.0.3", "127.0.0.4"}, "trials should run on both worker nodes"
     assert "dashboard answered with studies ['cluster-adam', 'cluster-svd-adam']" in result.stderr
     assert (tmp_path / "results" / "report.md").is_file()
