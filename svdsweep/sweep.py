@@ -192,8 +192,8 @@ def fail_running_trials(storage_url: str, experiment: str, sweep_id: str) -> int
     for optimizer in OPTIMIZERS:
         study = optuna.load_study(study_name=study_name(experiment, optimizer), storage=storage)
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if trial.user_attrs.get("sweep_id", sweep_id) != sweep_id:
-                continue  # another sweep's worker: not ours to stop
+            if trial.user_attrs.get("sweep_id") != sweep_id:
+                continue  # another sweep's (or a hand-started worker's) trial
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                 storage.set_trial_user_attr(trial._trial_id, "error", "sweep interrupted")
                 if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):

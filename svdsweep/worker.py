@@ -179,15 +179,18 @@ def _run_trial(
 
     started = time.time()
     with Heartbeat(storage, trial._trial_id):
-        attrs: dict[str, Any] = {
+        # Who runs the trial is written first, so that a RUNNING trial can be
+        # traced to its worker (and Ctrl-C fails only this sweep's trials).
+        identity: dict[str, Any] = {
             "worker_host": summary.host,
             "worker_node_ip": summary.node_ip,
             "worker_id": summary.worker_id,
+            "worker_pid": os.getpid(),
             "gpu_ids": summary.gpu_ids,
             "svdsweep_version": __version__,
+            "sweep_id": sweep_id,
         }
-        if sweep_id:
-            attrs["sweep_id"] = sweep_id
+        attrs: dict[str, Any] = {}
         curves: dict[str, list[float]] = {}
 
         def report(epoch: int, metrics: dict[str, float]) -> None:
@@ -199,6 +202,7 @@ def _run_trial(
 
         value: float | None = None
         try:
+            _set_user_attrs(trial, identity)
             config = retrying(partial(suggest, trial, settings))
             result = objective(config, report)
             attrs.update(
@@ -236,13 +240,17 @@ def _finish(
     state: TrialState,
 ) -> None:
     attrs["duration_s"] = round(time.time() - started, 3)
-    for key, attr in attrs.items():
-        retrying(partial(trial.set_user_attr, key, attr))
+    _set_user_attrs(trial, attrs)
     retrying(
         lambda: study.tell(
             trial, value if state == TrialState.COMPLETE else None, state, skip_if_finished=True
         )
     )
+
+
+def _set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+    for key, value in attrs.items():
+        retrying(partial(trial.set_user_attr, key, value))
 
 
 def _curves(result: TrainResult) -> dict[str, Any]:

@@ -477,3 +477,51 @@ def test_a_real_training_sweep_through_the_cli(tmp_path: Path) -> None:
             assert 0.1 < trial.user_attrs["curves"]["val_acc"][-1] <= 1
             if optimizer == "svd-adam":
                 assert 0 < trial.user_attrs["curves"]["energy"][0] <= 1
+
+
+def test_a_ray_worker_killed_mid_trial_is_retried_without_double_counting(pg_url: str) -> None:
+    """Ray retries the dead worker's task; the storage, not Ray, decides what counts."""
+    spec = SweepSpec(
+        storage=pg_url,
+        experiment="raykill",
+        trials=3,
+        workers=2,
+        gpus_per_worker=0,
+        trial_epochs=2,
+    )
+    outcome: dict[str, object] = {}
+
+    def sweep() -> None:
+        try:
+            slow = functools.partial(objective, seconds=4.0)
+            outcome["final"] = run_sweep(spec, objective=slow, progress=False)
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=sweep)
+    thread.start()
+    try:
+        victim = None
+        deadline = time.monotonic() + 90
+        while victim is None and time.monotonic() < deadline:
+            time.sleep(0.3)
+            try:
+                running = [
+                    t
+                    for opt in OPTIMIZERS
+                    for t in _trials(pg_url, "raykill", opt)
+                    if t.state == TrialState.RUNNING and "worker_pid" in t.user_attrs
+                ]
+            except KeyError:  # the studies do not exist yet
+                continue
+            victim = running[0] if running else None
+        assert victim is not None, "no trial started"
+        os.kill(victim.user_attrs["worker_pid"], signal.SIGKILL)
+    finally:
+        thread.join(timeout=300)
+    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
+    for optimizer in OPTIMIZERS:
+        counts = _states(pg_url, "raykill", optimizer)
+        assert counts["COMPLETE"] == 3 and counts["RUNNING"] == 0, counts
+    victim_study = "adam" if victim.params.keys() == {"lr"} else "svd-adam"
+    assert _trials(pg_url, "raykill", victim_study)[victim.number].state == TrialState.FAIL
