@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -39,6 +40,8 @@ __all__ = [
     "load_splits",
     "resolve_raw_dir",
 ]
+
+log = logging.getLogger(__name__)
 
 DEBIAN_DIRS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
 RAW_FILES = (
@@ -102,6 +105,10 @@ def resolve_raw_dir(dataset: str, data_dir: str | os.PathLike[str] | None = None
         source = _find_raw_files(directory, class_name)
         if source is None:
             tried.append(f"{label}: {directory} (no {dataset} idx files)")
+            if label != f"Debian package dataset-{dataset}":
+                log.warning(
+                    "%s %s holds no %s idx files; looking further", label, directory, dataset
+                )
             continue
         return _as_torchvision_root(source, class_name, dataset)
 
@@ -192,8 +199,14 @@ def _as_torchvision_root(source: Path, class_name: str, dataset: str) -> Path:
     """
     if source.name == "raw" and all((source / name).is_file() for name in RAW_FILES):
         return source.parent.parent
-    # One cache entry per source directory, so two sources never mix.
-    digest = hashlib.sha1(str(source.resolve()).encode()).hexdigest()[:10]
+    # One cache entry per source directory and version of its files, so two
+    # sources never mix and replaced files are never served stale.
+    fingerprint = [str(source.resolve())]
+    for path in sorted(source.iterdir()):
+        if path.name.split(".")[0] in RAW_FILES:
+            stat = path.stat()
+            fingerprint.append(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}")
+    digest = hashlib.sha1("|".join(fingerprint).encode()).hexdigest()[:10]
     target_root = cache_dir() / "data" / f"{dataset}-{digest}"
     raw = target_root / class_name / "raw"
     if all((raw / name).is_file() for name in RAW_FILES):

@@ -50,7 +50,7 @@ def epoch_progress(label: str, epochs: int, *, quiet: bool = False) -> Iterator[
         TimeElapsedColumn(),
         console=stderr_console,
         transient=True,
-        disable=quiet,
+        disable=quiet or not stderr_console.is_terminal,  # no bar in logs; lines still print
         redirect_stdout=False,
     ) as progress:
         task = progress.add_task(label, total=epochs)

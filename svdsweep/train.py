@@ -34,6 +34,8 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("adam", "svd-adam")
+#: Steps between checks that the running loss is finite (each check syncs the device).
+DIVERGENCE_CHECK_STEPS = 50
 
 #: ``report(epoch, metrics)``: called after every epoch (1-based) with that
 #: epoch's metrics; used by the sweep for pruning and by the CLI for progress.
@@ -170,6 +172,12 @@ def train(
                 raise TrainingDiverged(f"epoch {epoch}: {error}") from None
             loss_sum += loss.detach() * len(batch)
             steps += 1
+            if steps % DIVERGENCE_CHECK_STEPS == 0 and not bool(torch.isfinite(loss_sum)):
+                # NaN arithmetic is ~25x slower on CPU: stop early, not at epoch end.
+                raise TrainingDiverged(
+                    f"epoch {epoch}, step {steps}: training loss is not finite with "
+                    f"lr={config.lr}; lower the learning rate"
+                )
             if isinstance(optimizer, SVDGradient):
                 for name, value in optimizer.energy_tensors().items():
                     energy_sums[name] = energy_sums[name] + value if name in energy_sums else value
