@@ -105,11 +105,9 @@ def resolve_raw_dir(dataset: str, data_dir: str | os.PathLike[str] | None = None
         source = _find_raw_files(directory, class_name)
         if source is None:
             tried.append(f"{label}: {directory} (no {dataset} idx files)")
-            if label != f"Debian package dataset-{dataset}":
-                log.warning(
-                    "%s %s holds no %s idx files; looking further", label, directory, dataset
-                )
             continue
+        if tried:  # a location the user named was empty: say which one is used instead
+            log.warning("%s; using %s %s", "; ".join(tried), label, directory)
         return _as_torchvision_root(source, class_name, dataset)
 
     cached = cache_dir() / "data"
