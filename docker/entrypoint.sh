@@ -109,20 +109,26 @@ case "$role" in
     # svdsweep connects to the raylet just started (svdsweep.sweep.ray_session
     # reads both); Ray's own `ray.init("auto")` finds it as well.
     export RAY_ADDRESS="$address" SVDSWEEP_RAY_NODE_IP="$ip"
-    wait_for_workers "${SVDSWEEP_WAIT_FOR_WORKERS:-0}" || { ray stop >/dev/null 2>&1; exit 1; }
+    wait_for_workers "${SVDSWEEP_WAIT_FOR_WORKERS:-0}"
     # Run the command as a child, turning `docker stop` (SIGTERM) into the Ctrl-C
     # that svdsweep handles: workers are stopped and their trials marked FAIL.
+    # Job control on while starting it: bash starts background commands with
+    # SIGINT ignored otherwise, and Python then never raises KeyboardInterrupt.
+    set -m
     "$@" &
     child=$!
+    set +m
     trap 'kill -INT "$child" 2>/dev/null || true' INT TERM
-    status=0
-    while true; do
-      wait "$child" && status=0 || status=$?
-      kill -0 "$child" 2>/dev/null || break  # a trapped signal interrupted wait: wait again
+    # `wait` returns early when a trapped signal arrives: wait until the child is
+    # gone, then once more for its own exit status.
+    while kill -0 "$child" 2>/dev/null; do
+      wait "$child" || true
     done
-    # Leave the cluster now rather than by the head's timeout. A container has
-    # its own PID namespace: this stops this container's Ray processes only.
-    ray stop >/dev/null 2>&1 || true
+    status=0
+    wait "$child" || status=$?
+    # No `ray stop`: it would stop every Ray process it can see, and this
+    # container's raylet ends with the container anyway (the head then marks
+    # the node dead after its health checks).
     exit "$status"
     ;;
   init-db)

@@ -3,9 +3,8 @@
 # a worker node and a driver node (each on its own loopback address, as each
 # container has its own), token auth, and a tiny `svdsweep sweep` from the driver.
 #
-# Meant to run in private network and PID namespaces, so that it neither meets
-# nor stops any other Ray on the machine (`ray stop` in the driver role stops
-# every Ray process it can see, as it would in its own container):
+# Meant to run in private network and PID namespaces, so that it meets no other
+# Ray on the machine and leaves none behind (all end with the namespace):
 #
 #   unshare --net --pid --fork --mount-proc bash docker/smoke-test.sh WORKDIR
 #
@@ -55,6 +54,36 @@ RAY_NODE_IP=127.0.0.4 RAY_START_ARGS="--dashboard-agent-listen-port=52367 $(tmp 
   SVDSWEEP_STORAGE="sqlite:///$work/sweep.db" \
   "$entrypoint" ray-driver svdsweep sweep --experiment smoke --trials 2 --workers 2 \
   --trial-epochs 1 --train-subset 256
+
+step "SIGTERM (docker stop) stops a running sweep as Ctrl-C does"
+# Started with SIGINT at its default, as under the container's init; a
+# background command of this script would inherit it ignored.
+sigint_default() {
+  exec python -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])' "$@"
+}
+RAY_NODE_IP=127.0.0.5 RAY_START_ARGS="--dashboard-agent-listen-port=52368 $(tmp d2)" \
+  SVDSWEEP_WAIT_FOR_WORKERS=1 SVDSWEEP_WAIT_TIMEOUT=120 \
+  SVDSWEEP_STORAGE="sqlite:///$work/sweep.db" \
+  sigint_default "$entrypoint" ray-driver svdsweep sweep --experiment stopped --trials 50 \
+  --workers 2 --trial-epochs 50 --train-subset 256 >"$work/stopped.log" 2>&1 &
+driver=$!
+for _ in $(seq 120); do
+  grep -Eq "adam: 0/50 done, [12] running" "$work/stopped.log" && break
+  sleep 1
+done
+kill -TERM "$driver"
+status=0
+wait "$driver" || status=$?
+if [ "$status" != 130 ] || ! grep -q "interrupted" "$work/stopped.log"; then
+  echo "smoke: FAIL: SIGTERM gave status $status" >&2; cat "$work/stopped.log" >&2; exit 1
+fi
+svdsweep status --storage "sqlite:///$work/sweep.db" --experiment stopped --json >"$work/stopped.json"
+python - "$work/stopped.json" <<'PY'
+import json, sys
+counts = [study["counts"] for study in json.load(open(sys.argv[1]))]
+print(f"smoke: after SIGTERM: {counts}")
+assert all(c["RUNNING"] == 0 for c in counts) and sum(c["FAIL"] for c in counts) >= 1, counts
+PY
 
 step "svdsweep status"
 "$entrypoint" svdsweep status --storage "sqlite:///$work/sweep.db" --experiment smoke --json \
