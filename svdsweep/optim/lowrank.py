@@ -115,12 +115,10 @@ def randomized_low_rank(
     """Randomized SVD (Halko et al. 2011, Alg. 4.4) with Rayleigh–Ritz extraction."""
     _check_matrix(matrix, rank, oversample, power_iters)
     width = rank + oversample
-    if rank >= min(matrix.shape):
-        return LowRankResult(matrix, _all_singular_values(matrix), None)
+    shortcut = _without_sketch(matrix, rank, width)
+    if shortcut is not None:
+        return shortcut
     work = _as_float(matrix)
-    if width >= min(matrix.shape):
-        approx, s = _gram_low_rank(work, rank)
-        return LowRankResult(approx.to(matrix.dtype), s, None)
     basis = _orthonormal(_gaussian((work.shape[1], width), work, generator))
     approx, s, _ = _iterate_and_extract(work, basis, rank, power_iters)
     return LowRankResult(approx.to(matrix.dtype), s, None)
@@ -144,12 +142,10 @@ def subspace_low_rank(
     """
     _check_matrix(matrix, rank, oversample, power_iters)
     width = rank + oversample
-    if rank >= min(matrix.shape):
-        return LowRankResult(matrix, _all_singular_values(matrix), None)
+    shortcut = _without_sketch(matrix, rank, width)
+    if shortcut is not None:
+        return shortcut
     work = _as_float(matrix)
-    if width >= min(matrix.shape):
-        approx, s = _gram_low_rank(work, rank)
-        return LowRankResult(approx.to(matrix.dtype), s, None)
     expected = (work.shape[1], width)
     if basis is None or tuple(basis.shape) != expected:
         # A cold start is a randomized SVD: it needs the iterations a warm basis saves.
@@ -245,6 +241,20 @@ def _iterate_and_extract(
     ritz_values = eigvals[:rank].clamp_min(0).sqrt()
     next_basis = torch.nn.functional.normalize(projected.T @ eigvecs, dim=0)
     return approx, ritz_values, next_basis
+
+
+def _without_sketch(matrix: Tensor, rank: int, width: int) -> LowRankResult | None:
+    """The fast methods' answer when a sketch of ``width`` columns would be pointless.
+
+    Nothing to drop when ``rank >= min(m, n)``; the small Gram matrix when the
+    sketch would span the whole space. ``None`` when a sketch is worth it.
+    """
+    if rank >= min(matrix.shape):
+        return LowRankResult(matrix, _all_singular_values(matrix), None)
+    if width >= min(matrix.shape):
+        approx, s = _gram_low_rank(_as_float(matrix), rank)
+        return LowRankResult(approx.to(matrix.dtype), s, None)
+    return None
 
 
 def _gram_low_rank(work: Tensor, rank: int) -> tuple[Tensor, Tensor]:
