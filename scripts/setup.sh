@@ -11,6 +11,8 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] \
 fi
 # Debian's Chromium drives the dashboard's browser test (no browser downloads).
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+# shellcheck lints the deployment scripts (scripts/validate-compose.sh).
+command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: apt-get install ${need_apt[*]}"

@@ -6,6 +6,7 @@ integration test at the end trains for real through the CLI.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -305,6 +306,28 @@ def test_a_killed_workers_last_trial_is_reaped_and_retried(pg_url: str) -> None:
     assert retries[0].params == killed.params
 
 
+@contextlib.contextmanager
+def _sweep_in_background(spec: SweepSpec, seconds_per_trial: float) -> Iterator[None]:
+    """Runs the sweep in a thread while the body disturbs it; it must still finish cleanly."""
+    outcome: dict[str, BaseException] = {}
+
+    def sweep() -> None:
+        try:
+            slow = functools.partial(objective, seconds=seconds_per_trial)
+            run_sweep(spec, objective=slow, progress=False)
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=sweep)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join(timeout=300)
+    assert not thread.is_alive(), "the sweep did not finish"
+    assert "error" not in outcome, outcome.get("error")
+
+
 def test_the_sweep_survives_a_postgres_restart(pg_url: str) -> None:
     spec = SweepSpec(
         storage=pg_url,
@@ -314,18 +337,7 @@ def test_the_sweep_survives_a_postgres_restart(pg_url: str) -> None:
         gpus_per_worker=0,
         trial_epochs=4,
     )
-    outcome: dict[str, object] = {}
-
-    def sweep() -> None:
-        try:
-            slow = functools.partial(objective, seconds=1.0)
-            outcome["final"] = run_sweep(spec, objective=slow, progress=False)
-        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
-            outcome["error"] = error
-
-    thread = threading.Thread(target=sweep)
-    try:
-        thread.start()
+    with _sweep_in_background(spec, seconds_per_trial=1.0):
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             time.sleep(0.5)
@@ -340,10 +352,6 @@ def test_the_sweep_survives_a_postgres_restart(pg_url: str) -> None:
             check=True,
             timeout=60,
         )
-    finally:
-        thread.join(timeout=240)
-    assert not thread.is_alive()
-    assert "error" not in outcome, outcome.get("error")
     for optimizer in OPTIMIZERS:
         counts = _states(pg_url, "restart", optimizer)
         assert counts["COMPLETE"] + counts["PRUNED"] == 12, counts
@@ -489,18 +497,7 @@ def test_a_ray_worker_killed_mid_trial_is_retried_without_double_counting(pg_url
         gpus_per_worker=0,
         trial_epochs=2,
     )
-    outcome: dict[str, object] = {}
-
-    def sweep() -> None:
-        try:
-            slow = functools.partial(objective, seconds=4.0)
-            outcome["final"] = run_sweep(spec, objective=slow, progress=False)
-        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
-            outcome["error"] = error
-
-    thread = threading.Thread(target=sweep)
-    thread.start()
-    try:
+    with _sweep_in_background(spec, seconds_per_trial=4.0):
         victim = None
         deadline = time.monotonic() + 90
         while victim is None and time.monotonic() < deadline:
@@ -517,9 +514,6 @@ def test_a_ray_worker_killed_mid_trial_is_retried_without_double_counting(pg_url
             victim = running[0] if running else None
         assert victim is not None, "no trial started"
         os.kill(victim.user_attrs["worker_pid"], signal.SIGKILL)
-    finally:
-        thread.join(timeout=300)
-    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
     for optimizer in OPTIMIZERS:
         counts = _states(pg_url, "raykill", optimizer)
         assert counts["COMPLETE"] == 3 and counts["RUNNING"] == 0, counts
