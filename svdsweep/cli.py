@@ -52,6 +52,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         from svdsweep.worker import WorkerError
 
         errors += (SweepError, WorkerError)
+    if "svdsweep.report" in sys.modules:  # loaded by `report` and `run`
+        from svdsweep.report import ReportError
+
+        errors += (ReportError,)
     return errors
 
 
@@ -316,6 +320,111 @@ def dashboard(
     opened = open_storage(storage, heartbeat=False, create=False)
     typer.echo(f"optuna-dashboard on http://{host}:{port}/ (Ctrl-C to stop)", err=True)
     optuna_dashboard.run_server(opened, host=host, port=port, artifact_store=store)
+
+
+ArtifactDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--artifact-dir",
+        help="Optuna artifact store for the figure and report "
+        "(else $SVDSWEEP_ARTIFACT_DIR, else ./svdsweep-artifacts)",
+    ),
+]
+OutOption = Annotated[
+    Path,
+    typer.Option(
+        "--out", help="results directory: comparison.png, report.md, results.json (replaced)"
+    ),
+]
+
+
+@app.command()
+@friendly_errors
+def report(
+    storage: StorageOption = None,
+    experiment: ExperimentOption = "fashion-mnist-mlp",
+    epochs: Annotated[int, typer.Option(help="epochs of each final training")] = 20,
+    seeds: Annotated[
+        int, typer.Option(help="final trainings per optimizer, with seeds 1000, 1001, ...")
+    ] = 5,
+    out: OutOption = Path("results"),
+    ray_address: RayAddressOption = None,
+    ray_node_ip: RayNodeIpOption = None,
+    gpus_per_run: Annotated[
+        float | None,
+        typer.Option(help="GPUs each final training reserves (default: 1 if the cluster has any)"),
+    ] = None,
+    artifact_dir: ArtifactDirOption = None,
+) -> None:
+    """Retrain both studies' best trials over several seeds; write the figure and the report."""
+    from svdsweep.report import ReportSpec, build_report
+
+    spec = ReportSpec(
+        storage=storage,
+        experiment=experiment,
+        epochs=epochs,
+        seeds=seeds,
+        out=out,
+        ray_address=ray_address,
+        ray_node_ip=ray_node_ip,
+        gpus_per_run=gpus_per_run,
+        artifact_dir=artifact_dir,
+    )
+    _print_outcome(build_report(spec), storage_given=storage is not None)
+
+
+@app.command()
+@friendly_errors
+def run(
+    preset: Annotated[
+        str, typer.Option(help="quick (~5 min on 2 CPU cores, 10k images) or paper (full)")
+    ] = "quick",
+    trials: Annotated[int | None, typer.Option(help="trials per study")] = None,
+    trial_epochs: Annotated[int | None, typer.Option(help="epochs per trial")] = None,
+    epochs: Annotated[int | None, typer.Option(help="epochs of each final training")] = None,
+    seeds: Annotated[int | None, typer.Option(help="final trainings per optimizer")] = None,
+    train_subset: Annotated[int | None, typer.Option(help="train on the first N images")] = None,
+    experiment: Annotated[
+        str | None, typer.Option(help="default: the preset's name (quick, paper)")
+    ] = None,
+    out: OutOption = Path("results"),
+    storage: Annotated[
+        str | None, typer.Option(help="Optuna storage URL (default: sqlite:///svdsweep.db)")
+    ] = None,
+    artifact_dir: ArtifactDirOption = None,
+    ray_node_ip: RayNodeIpOption = None,
+) -> None:
+    """The whole job: sweep both studies, then report, on a local Ray and SQLite."""
+    from svdsweep.job import run_job
+
+    outcome = run_job(
+        preset,
+        trials=trials,
+        trial_epochs=trial_epochs,
+        epochs=epochs,
+        seeds=seeds,
+        train_subset=train_subset,
+        experiment=experiment,
+        out=out,
+        storage=storage,
+        artifact_dir=artifact_dir,
+        ray_node_ip=ray_node_ip,
+    )
+    _print_outcome(outcome, storage_given=True)
+
+
+def _print_outcome(outcome: Any, *, storage_given: bool) -> None:
+    from svdsweep.report import dashboard_command
+
+    typer.echo(outcome.verdict)
+    typer.echo(f"figure:  {outcome.figure}")
+    typer.echo(f"report:  {outcome.report}")
+    typer.echo(f"results: {outcome.results_json}")
+    typer.echo("dashboard (figure and report attached to both studies):")
+    command = dashboard_command(
+        outcome.storage_url, outcome.artifact_dir, storage_given=storage_given
+    )
+    typer.echo(f"  {command}")
 
 
 def _env_path(name: str) -> Path | None:

@@ -1,0 +1,147 @@
+"""``svdsweep run``: the whole job in one command, on the embedded defaults.
+
+A sweep of both studies, then the report, on a local loopback-only Ray and an
+SQLite file in the working directory (``sqlite:///svdsweep.db``), both used by
+one Ray session. Two presets size it; every size is overridable:
+
+* ``quick`` (default): a 10k-image subset of Fashion-MNIST, few trials and
+  epochs, sized for about 5 minutes on 2 CPU cores;
+* ``paper``: the original protocol: 30 trials of 5 epochs per study on the
+  full 50k training split, then 20-epoch finals over 5 seeds.
+
+Each preset has its own default experiment name, so a quick run never resumes,
+or collides with, the paper's studies (which have other settings).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from svdsweep.report import (
+    ReportOutcome,
+    ReportSpec,
+    build_report,
+    check_outputs,
+    resolve_artifact_dir,
+)
+from svdsweep.storage import DEFAULT_STORAGE, redact
+
+__all__ = ["PRESETS", "Preset", "run_job"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The sizes of one ``svdsweep run``."""
+
+    name: str
+    experiment: str  # default experiment name: one per preset
+    trials: int  # finished trials per study
+    trial_epochs: int  # epochs per trial
+    epochs: int  # epochs of each final training
+    seeds: int  # final trainings per optimizer
+    train_subset: int | None  # training images (None: the full 50k split)
+    expected: str  # how long it takes, as measured
+
+    def describe(self) -> str:
+        data = (
+            f"{self.train_subset} training images"
+            if self.train_subset
+            else "the full 50k training split"
+        )
+        return (
+            f"preset {self.name}: {self.trials} trials x {self.trial_epochs} epochs per study, "
+            f"then {self.seeds} seeds x {self.epochs} epochs per optimizer, on {data} of "
+            f"Fashion-MNIST; experiment {self.experiment!r}; {self.expected}"
+        )
+
+
+PRESETS = {
+    "quick": Preset(
+        name="quick",
+        experiment="quick",
+        trials=20,
+        trial_epochs=4,
+        epochs=12,
+        seeds=5,
+        train_subset=10_000,
+        expected="about 5 minutes on 2 CPU cores",
+    ),
+    "paper": Preset(
+        name="paper",
+        experiment="paper",
+        trials=30,
+        trial_epochs=5,
+        epochs=20,
+        seeds=5,
+        train_subset=None,
+        expected="about 25 minutes on 2 CPU cores, a few on GPUs",
+    ),
+}
+
+
+def run_job(
+    preset: str = "quick",
+    *,
+    trials: int | None = None,
+    trial_epochs: int | None = None,
+    epochs: int | None = None,
+    seeds: int | None = None,
+    train_subset: int | None = None,
+    experiment: str | None = None,
+    out: Path = Path("results"),
+    storage: str | None = None,
+    artifact_dir: Path | None = None,
+    ray_node_ip: str | None = None,
+    progress: bool = True,
+) -> ReportOutcome:
+    """Sweeps both studies, then reports on them; returns where everything went.
+
+    Flags left ``None`` take the preset's value. Bad sizes and an unwritable
+    ``out`` fail here, before any training.
+    """
+    from svdsweep.sweep import SweepSpec, local_ray, run_sweep, study_settings
+
+    if preset not in PRESETS:
+        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    sizes = PRESETS[preset]
+    overrides: dict[str, Any] = {
+        "trials": trials,
+        "trial_epochs": trial_epochs,
+        "epochs": epochs,
+        "seeds": seeds,
+        "train_subset": train_subset,
+        "experiment": experiment,
+    }
+    changed = {name: value for name, value in overrides.items() if value is not None}
+    if changed:
+        sizes = replace(sizes, **changed, expected="sizes overridden by flags")
+    url = storage or DEFAULT_STORAGE
+    report_spec = ReportSpec(  # validates --epochs and --seeds
+        storage=url,
+        experiment=sizes.experiment,
+        epochs=sizes.epochs,
+        seeds=sizes.seeds,
+        out=out,
+        ray_address="local",
+        ray_node_ip=ray_node_ip,
+        artifact_dir=resolve_artifact_dir(artifact_dir),
+    )
+    sweep_spec = SweepSpec(  # validates the rest when the studies are created
+        storage=url,
+        experiment=sizes.experiment,
+        trials=sizes.trials,
+        trial_epochs=sizes.trial_epochs,
+        train_subset=sizes.train_subset,
+        ray_address="local",
+        ray_node_ip=ray_node_ip,
+    )
+    study_settings(sweep_spec)  # raises ValueError on a bad size, before Ray starts
+    check_outputs(out, report_spec.artifact_dir or Path())
+    if progress:
+        print(f"{sizes.describe()}; storage {redact(url)}", file=sys.stderr, flush=True)
+    with local_ray(ray_node_ip):
+        run_sweep(sweep_spec, progress=progress)
+        return build_report(report_spec, progress=progress)
