@@ -25,8 +25,8 @@ One flow, top to bottom:
 
 Nothing is left half-written: inputs and the writability of ``--out`` and the
 artifact store are checked before any training, everything is written into a
-hidden sibling of ``--out`` that is renamed into place at the very end, and a
-failure removes it.
+hidden staging directory that is put in place at the very end (see
+:class:`_Staging`), and a failure removes it.
 """
 
 from __future__ import annotations
@@ -917,25 +917,36 @@ def dashboard_command(storage_url: str, artifact_dir: Path, *, storage_given: bo
 
 
 class _Staging:
-    """A hidden sibling of ``out``, written first and renamed into place by :meth:`commit`.
+    """Where a report is written before it is put in place by :meth:`commit`.
+
+    A new ``out`` is written as a hidden sibling and renamed into place: one
+    atomic step. An existing ``out`` (a previous report, an empty directory, a
+    bind mount as in docker-compose, which cannot be renamed over) is written
+    as a hidden directory inside it, whose files then replace the old ones one
+    by one with ``os.replace`` (results.json last). An existing ``out`` that
+    holds anything but a previous report is refused.
 
     Entering checks that ``out`` can be written (creating missing parents);
     leaving without a commit removes the staging directory and any parent it
-    created, so a failed report leaves nothing that looks like a result. An
-    existing ``out`` is replaced only if it holds a previous report (or
-    nothing).
+    created, so a failed report leaves nothing that looks like a result.
     """
 
     def __init__(self, out: Path) -> None:
         self.out = Path(out).absolute()
-        self.path = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.in_place = self.out.is_dir()
+        tag = uuid.uuid4().hex[:8]
+        self.path = (
+            self.out / f".staging-{tag}"
+            if self.in_place
+            else self.out.parent / f".{self.out.name}.tmp-{tag}"
+        )
         self._created: list[Path] = []
         self._committed = False
 
     def __enter__(self) -> _Staging:
         out = self.out
         if not out.name or out == out.parent:
-            raise ReportError(f"--out {out} is not a directory that can be replaced")
+            raise ReportError(f"--out {out} cannot hold a report; name a directory")
         if out.exists() or out.is_symlink():
             if not out.is_dir():
                 raise ReportError(f"--out {out} exists and is not a directory")
@@ -955,16 +966,15 @@ class _Staging:
         except OSError as error:
             self._clean()
             if error.filename in (str(self.path), str(self.path / ".write-test")):
-                error.filename = str(out.parent)  # name the user's directory, not ours
+                error.filename = str(self.path.parent)  # name the user's directory, not ours
             raise ReportError(f"cannot write --out {out}: {_os_reason(error)}") from None
         return self
 
     def commit(self) -> None:
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
-            self.out.rename(old)
-            self.path.rename(self.out)
-            shutil.rmtree(old, ignore_errors=True)
+        if self.in_place:
+            for name in sorted(os.listdir(self.path), key=lambda name: name == RESULTS):
+                os.replace(self.path / name, self.out / name)
+            self.path.rmdir()
         else:
             self.path.rename(self.out)
         self._committed = True

@@ -298,6 +298,11 @@ def test_artifacts_are_attached_and_a_rerun_replaces_them(
         assert f"{SEEDS} seeds × 1 epochs" in content
     assert json.loads(rerun.results_json.read_text())["protocol"]["epochs"] == 1
     assert not [p for p in first.out.parent.iterdir() if p.name.startswith(".results")]
+    assert sorted(p.name for p in first.out.iterdir()) == [
+        "comparison.png",
+        "report.md",
+        "results.json",
+    ], "replaced in place, no staging left"
 
 
 def _cli(
@@ -364,12 +369,30 @@ def test_a_failure_after_staging_leaves_no_results_directory(tmp_path: Path) -> 
         (staging.path / "results.json").write_text("{}")
         raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == [], "staging and the parents it created are gone"
+    assert not out.exists()
+
+    # An existing report (or a bind mount, which cannot be renamed over) is
+    # updated in place: kept as it was on failure, replaced file by file on success.
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "results.json").write_text("old")
+    with pytest.raises(RuntimeError, match="boom"), _Staging(report) as staging:
+        (staging.path / "results.json").write_text("new")
+        raise RuntimeError("boom")
+    assert [p.name for p in report.iterdir()] == ["results.json"]
+    assert (report / "results.json").read_text() == "old"
+    with _Staging(report) as staging:
+        (staging.path / "results.json").write_text("new")
+        (staging.path / "report.md").write_text("new")
+        staging.commit()
+    assert sorted(p.name for p in report.iterdir()) == ["report.md", "results.json"]
+    assert (report / "results.json").read_text() == "new"
 
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("precious")
     with pytest.raises(ReportError, match="does not hold an svdsweep report"):
         _Staging(tmp_path / "mine").__enter__()
-    assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.parametrize(
