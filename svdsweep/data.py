@@ -37,6 +37,7 @@ __all__ = [
     "DataNotFoundError",
     "Splits",
     "cache_dir",
+    "cached_splits",
     "load_splits",
     "resolve_raw_dir",
 ]
@@ -175,6 +176,31 @@ def load_splits(
         test_x=normalise(test.data),
         test_y=test.targets.to(device),
     )
+
+
+_last_loaded: dict[tuple[object, ...], Splits] = {}
+
+
+def cached_splits(
+    dataset: str,
+    *,
+    data_dir: str | os.PathLike[str] | None,
+    device: torch.device,
+    train_subset: int | None,
+) -> Splits:
+    """:func:`load_splits`, remembered for the process (the last one only).
+
+    A sweep worker or a reporter task trains many configs on the same data:
+    it loads and normalises the dataset once, and a different dataset
+    replaces the old one instead of piling up in memory.
+    """
+    key = (dataset, str(data_dir), train_subset, str(device))
+    if key not in _last_loaded:
+        _last_loaded.clear()
+        _last_loaded[key] = load_splits(
+            dataset, data_dir=data_dir, device=device, train_subset=train_subset
+        )
+    return _last_loaded[key]
 
 
 def _find_raw_files(directory: Path, class_name: str) -> Path | None:

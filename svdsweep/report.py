@@ -225,8 +225,6 @@ def final_configs(best: dict[str, BestTrial], epochs: int, seeds: int) -> list[T
 
 # --- 2. final trainings on Ray -------------------------------------------
 
-_splits_cache: dict[tuple[Any, ...], Any] = {}
-
 
 def final_training(config: TrainConfig) -> dict[str, Any]:
     """One final training, run as a Ray task: the trainer's result plus where it ran.
@@ -236,20 +234,17 @@ def final_training(config: TrainConfig) -> dict[str, Any]:
     """
     import torch
 
-    from svdsweep.data import load_splits
+    from svdsweep.data import cached_splits
     from svdsweep.train import resolve_device, train
 
     task_started_at = time.time()
     device = resolve_device(config.device)
-    key = (config.dataset, config.data_dir, config.train_subset, str(device))
-    if key not in _splits_cache:
-        _splits_cache.clear()
-        _splits_cache[key] = load_splits(
-            config.dataset,
-            data_dir=config.data_dir,
-            device=device,
-            train_subset=config.train_subset,
-        )
+    splits = cached_splits(
+        config.dataset,
+        data_dir=config.data_dir,
+        device=device,
+        train_subset=config.train_subset,
+    )
     curves: dict[str, list[float]] = {}
 
     def record(epoch: int, metrics: dict[str, float]) -> None:
@@ -258,7 +253,7 @@ def final_training(config: TrainConfig) -> dict[str, Any]:
 
     diverged = None
     try:
-        result = train(config, record, splits=_splits_cache[key])
+        result = train(config, record, splits=splits)
     except TrainingDiverged as error:
         diverged = str(error)
         result = TrainResult(

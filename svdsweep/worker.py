@@ -60,23 +60,17 @@ class WorkerSummary:
 
 def training_objective() -> Objective:
     """The real objective: :func:`svdsweep.train.train`, loading each dataset once per worker."""
-    from svdsweep.data import load_splits
+    from svdsweep.data import cached_splits
     from svdsweep.train import resolve_device, train
 
-    cache: dict[tuple[Any, ...], Any] = {}
-
     def objective(config: TrainConfig, report: ReportCallback) -> TrainResult:
-        device = resolve_device(config.device)
-        key = (config.dataset, config.data_dir, config.train_subset, str(device))
-        if key not in cache:
-            cache.clear()
-            cache[key] = load_splits(
-                config.dataset,
-                data_dir=config.data_dir,
-                device=device,
-                train_subset=config.train_subset,
-            )
-        return train(config, report, splits=cache[key])
+        splits = cached_splits(
+            config.dataset,
+            data_dir=config.data_dir,
+            device=resolve_device(config.device),
+            train_subset=config.train_subset,
+        )
+        return train(config, report, splits=splits)
 
     return objective
 
