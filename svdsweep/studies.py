@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import TrialState
 
 from svdsweep.space import SETTINGS_ATTR, StudySettings
-from svdsweep.storage import StorageError, open_storage, redact, retrying
+from svdsweep.storage import open_storage, redact, retrying
 from svdsweep.train import OPTIMIZERS
 
 __all__ = [
@@ -157,7 +157,3 @@ def _study_status(storage: Any, experiment: str, optimizer: str) -> StudyStatus:
         best_params=dict(best.params) if best else None,
         best_trial=best.number if best else None,
     )
-
-
-def storage_error_types() -> tuple[type[BaseException], ...]:
-    return (StorageError, ExperimentError)
