@@ -44,6 +44,7 @@ __all__ = [
     "Heartbeat",
     "StorageError",
     "budget_lock",
+    "has_studies_table",
     "open_storage",
     "reap_stale_trials",
     "redact",
@@ -137,6 +138,32 @@ def open_storage(
         return RDBStorage(resolved, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
     except Exception as error:  # noqa: BLE001 - any failure to open is for the user to fix
         raise StorageError(f"cannot open storage {redact(resolved)}: {_reason(error)}") from None
+
+
+def has_studies_table(url: str) -> bool:
+    """Whether the storage at ``url`` already holds Optuna's schema. Creates nothing.
+
+    Lets read-only checks run before a sweep writes anything: opening an
+    :class:`RDBStorage` would create the schema (and an SQLite file).
+    Raises :class:`StorageError` when the database cannot be reached.
+    """
+    parsed = sqlalchemy.engine.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if not Path(parsed.database or "").is_file():
+            return False
+        connect_args: dict[str, Any] = {"timeout": 60}
+    else:
+        connect_args = {"connect_timeout": 5}
+    engine = sqlalchemy.create_engine(
+        url, poolclass=sqlalchemy.pool.NullPool, connect_args=connect_args
+    )
+    try:
+        with engine.connect() as connection:
+            return sqlalchemy.inspect(connection).has_table("studies")
+    except Exception as error:  # noqa: BLE001 - any failure to connect is for the user to fix
+        raise StorageError(f"cannot open storage {redact(url)}: {_reason(error)}") from None
+    finally:
+        engine.dispose()
 
 
 def retrying(call: Callable[[], T], *, seconds: float = RETRY_SECONDS) -> T:

@@ -17,13 +17,20 @@ import optuna
 from optuna.trial import TrialState
 
 from svdsweep.space import SETTINGS_ATTR, StudySettings
-from svdsweep.storage import open_storage, redact, retrying
+from svdsweep.storage import (
+    has_studies_table,
+    open_storage,
+    redact,
+    resolve_storage_url,
+    retrying,
+)
 from svdsweep.train import OPTIMIZERS
 
 __all__ = [
     "DEFAULT_EXPERIMENT",
     "ExperimentError",
     "StudyStatus",
+    "check_resumable",
     "create_or_resume",
     "experiment_status",
     "load_settings",
@@ -47,8 +54,10 @@ def create_or_resume(storage_url: str, experiment: str, settings: list[StudySett
 
     A different budget is allowed (it extends or caps the sweep) and is
     stored; any other difference raises :class:`ExperimentError` naming it.
-    Returns the study names.
+    Every study is checked before any is created or changed, so a refused
+    sweep leaves the storage as it was. Returns the study names.
     """
+    check_resumable(storage_url, experiment, settings)
     storage = open_storage(storage_url, heartbeat=False)
     names = []
     for study_settings in settings:
@@ -62,7 +71,45 @@ def create_or_resume(storage_url: str, experiment: str, settings: list[StudySett
                 load_if_exists=True,
             )
         )
-        stored = study.user_attrs.get(SETTINGS_ATTR)
+        retrying(partial(study.set_user_attr, SETTINGS_ATTR, study_settings.to_json()))
+        names.append(name)
+    return names
+
+
+def check_resumable(
+    storage_url: str, experiment: str, settings: list[StudySettings]
+) -> dict[str, int]:
+    """Raises :class:`ExperimentError` if an existing study differs from ``settings``.
+
+    Reads only: it opens the storage without creating it, so that an unreachable
+    database or a conflicting study is reported before anything is written.
+    Returns the finished-trial count of each study that already exists, by name.
+    """
+    url = resolve_storage_url(storage_url)
+    if not has_studies_table(url):
+        return {}
+    storage = open_storage(url, heartbeat=False, create=False)
+    existing = retrying(lambda: {s.study_name: s for s in storage.get_all_studies()})
+    finished: dict[str, int] = {}
+    for study_settings in settings:
+        name = study_name(experiment, study_settings.optimizer)
+        if name not in existing:
+            continue
+        summary = existing[name]
+        if summary.directions != [optuna.study.StudyDirection.MINIMIZE]:
+            raise ExperimentError(
+                f"study {name!r} already exists and does not minimise the validation loss; "
+                "use another --experiment name"
+            )
+        study = optuna.load_study(study_name=name, storage=storage)
+        trials = retrying(partial(study.get_trials, deepcopy=False))
+        stored = summary.user_attrs.get(SETTINGS_ATTR)
+        if stored is None and trials:
+            raise ExperimentError(
+                f"study {name!r} already exists with trials but was not created by svdsweep; "
+                "use another --experiment name"
+            )
+        # (An empty study without settings is one whose creation was interrupted.)
         if stored is not None:
             differences = study_settings.search_differences(StudySettings.from_json(stored))
             if differences:
@@ -71,9 +118,8 @@ def create_or_resume(storage_url: str, experiment: str, settings: list[StudySett
                     + "; ".join(differences)
                     + "); use another --experiment name or the stored settings"
                 )
-        retrying(partial(study.set_user_attr, SETTINGS_ATTR, study_settings.to_json()))
-        names.append(name)
-    return names
+        finished[name] = sum(trial.state in FINISHED for trial in trials)
+    return finished
 
 
 def load_settings(storage: Any, experiment: str, optimizer: str) -> StudySettings:

@@ -30,6 +30,7 @@ from svdsweep.storage import reap_stale_trials, redact, resolve_storage_url, ret
 from svdsweep.studies import (
     DEFAULT_EXPERIMENT,
     StudyStatus,
+    check_resumable,
     create_or_resume,
     experiment_status,
     study_name,
@@ -71,6 +72,15 @@ class SweepSpec:
     pruner: str = "none"
     space: SearchSpace = field(default_factory=SearchSpace)
 
+    def __post_init__(self) -> None:
+        if self.workers is not None and (isinstance(self.workers, bool) or self.workers < 1):
+            raise ValueError(f"--workers must be at least 1, got {self.workers}")
+        if self.gpus_per_worker is not None and not 0 <= self.gpus_per_worker < float("inf"):
+            raise ValueError(f"--gpus-per-worker must be 0 or more, got {self.gpus_per_worker:g}")
+        if not 0 < self.cpus_per_worker < float("inf"):
+            raise ValueError(f"--cpus-per-worker must be positive, got {self.cpus_per_worker:g}")
+        study_settings(self)  # validates --trials, --trial-epochs, dataset, model, method, ...
+
 
 def study_settings(spec: SweepSpec) -> list[StudySettings]:
     """The settings of both studies: identical but for the optimizer, for a fair comparison."""
@@ -96,18 +106,33 @@ def run_sweep(
 ) -> list[StudyStatus]:
     """Runs the sweep to completion and returns the final status of both studies."""
     url = resolve_storage_url(spec.storage)
-    names = create_or_resume(url, spec.experiment, study_settings(spec))
-    _say(f"storage {redact(url)}; studies: {', '.join(names)}", progress)
-    status = experiment_status(url, spec.experiment)
-    if all(study.done for study in status):
+    # Read-only checks first: a refused sweep writes nothing and starts no Ray.
+    finished = check_resumable(url, spec.experiment, study_settings(spec))
+    names = [study_name(spec.experiment, optimizer) for optimizer in OPTIMIZERS]
+    if all(finished.get(name, 0) >= spec.trials for name in names):
+        create_or_resume(url, spec.experiment, study_settings(spec))  # records the budget
+        _say(f"storage {redact(url)}; studies: {', '.join(names)}", progress)
         _say("both studies already have their budget: nothing to run", progress)
-        return status
+        return experiment_status(url, spec.experiment)
 
     with ray_session(spec.ray_address, spec.ray_node_ip) as ray:
+        resources = ray.cluster_resources()
         gpus = spec.gpus_per_worker
         if gpus is None:
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        workers = spec.workers or _default_workers(ray.cluster_resources(), gpus, spec)
+            gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+        if gpus > resources.get("GPU", 0):
+            raise SweepError(
+                f"--gpus-per-worker {gpus:g} asks for more GPUs than the Ray cluster has "
+                f"({resources.get('GPU', 0):g}); use --gpus-per-worker 0 to train on CPUs"
+            )
+        if spec.cpus_per_worker > resources.get("CPU", 0):
+            raise SweepError(
+                f"--cpus-per-worker {spec.cpus_per_worker:g} asks for more CPUs than the Ray "
+                f"cluster has ({resources.get('CPU', 0):g})"
+            )
+        workers = spec.workers or _default_workers(resources, gpus, spec)
+        create_or_resume(url, spec.experiment, study_settings(spec))
+        _say(f"storage {redact(url)}; studies: {', '.join(names)}", progress)
         sweep_id = uuid.uuid4().hex[:12]
         _say(
             f"{workers} Ray workers ({gpus:g} GPU, {spec.cpus_per_worker:g} CPU each), "

@@ -77,10 +77,11 @@ def dashboard_on_small_sweep(tmp_path: Path) -> Iterator[tuple[str, str]]:
         server.wait(timeout=30)
 
 
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed")
 def test_dashboard_shows_both_studies_and_their_trials(
     dashboard_on_small_sweep: tuple[str, str],
 ) -> None:
+    # A missing browser fails the test: the check must not pass by being skipped.
+    assert os.path.exists(CHROMIUM), f"no {CHROMIUM}: scripts/setup.sh installs Debian's chromium"
     from playwright.sync_api import sync_playwright
 
     base, _ = dashboard_on_small_sweep

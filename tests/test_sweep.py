@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import cheap_objective
 import optuna
@@ -138,7 +139,9 @@ def test_budget_is_exact_with_eight_concurrent_workers(storage_url: str) -> None
             trial_epochs=1,
             seed=repetition,
         )
-        final = run_sweep(spec, objective=objective, progress=False)
+        # Half-second trials: long against a claim, so that overlap shows even on a slow 2-core CI.
+        half_second = functools.partial(objective, seconds=0.5)
+        final = run_sweep(spec, objective=half_second, progress=False)
         assert [study.finished for study in final] == [20, 20]
         for optimizer in OPTIMIZERS:
             counts = _states(storage_url, experiment, optimizer)
@@ -519,3 +522,177 @@ def test_a_ray_worker_killed_mid_trial_is_retried_without_double_counting(pg_url
         assert counts["COMPLETE"] == 3 and counts["RUNNING"] == 0, counts
     victim_study = "adam" if victim.params.keys() == {"lr"} else "svd-adam"
     assert _trials(pg_url, "raykill", victim_study)[victim.number].state == TrialState.FAIL
+
+
+def _studies_in(url: str) -> dict[str, tuple[int, str | None]]:
+    """Study name -> (trial count, stored settings), read without creating anything."""
+    if url.startswith("sqlite") and not Path(url.removeprefix("sqlite:///")).exists():
+        return {}
+    return {
+        summary.study_name: (summary.n_trials, summary.user_attrs.get("svdsweep_settings"))
+        for summary in optuna.get_all_study_summaries(storage=url)
+    }
+
+
+def test_bad_sweep_input_is_one_line_nonzero_and_writes_nothing(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Each bad input of the issue through the CLI, started at once (each imports torch)."""
+    # An experiment whose studies exist with another space, and one with another direction.
+    run_sweep(
+        SweepSpec(storage=pg_url, experiment="kept", trials=2, workers=2, trial_epochs=1),
+        objective=objective,
+        progress=False,
+    )
+    optuna.create_study(study_name="upside-adam", storage=pg_url, direction="maximize")
+    before = _studies_in(pg_url)
+    sqlite_url = f"sqlite:///{tmp_path}/never.db"
+    env = {**os.environ, "RAY_ADDRESS": "", "SVDSWEEP_RAY_NODE_IP": "127.0.0.7"}
+    cases = {
+        "malformed URL": (["--storage", "postgres ql://nowhere"], "invalid storage URL"),
+        "unsupported URL": (["--storage", "mysql://root@127.0.0.1/db"], "needs sqlite:///"),
+        "unreachable database": (
+            ["--storage", "postgresql+psycopg2://postgres@127.0.0.1:1/svdsweep"],
+            "cannot open storage postgresql+psycopg2://postgres@127.0.0.1:1/svdsweep",
+        ),
+        "missing database": (
+            ["--storage", "postgresql+psycopg2://postgres@127.0.0.1:5432/no_such_db_here"],
+            'database "no_such_db_here" does not exist',
+        ),
+        "another search space": (
+            [
+                *("--storage", pg_url, "--experiment", "kept", "--trial-epochs", "1"),
+                *("--lr-range", "1e-3", "1e-2"),
+            ],
+            "study 'kept-adam' already exists with other settings (space: stored",
+        ),
+        "another direction": (
+            ["--storage", pg_url, "--experiment", "upside"],
+            "study 'upside-adam' already exists and does not minimise",
+        ),
+        "zero trials": (
+            ["--storage", pg_url, "--trials", "0"],
+            "the trial budget must be a positive int, got 0",
+        ),
+        "zero trials, SQLite": (["--storage", sqlite_url, "--trials", "0"], "positive int"),
+        "zero workers": (["--storage", pg_url, "--workers", "0"], "--workers must be at least 1"),
+        "bad lr range": (["--storage", pg_url, "--lr-range", "0", "1"], "lr range must satisfy"),
+        "more GPUs than the cluster": (
+            ["--storage", sqlite_url, "--gpus-per-worker", "64", "--trials", "1"],
+            "--gpus-per-worker 64 asks for more GPUs than the Ray cluster has (0)",
+        ),
+    }
+    processes = {
+        case: subprocess.Popen(
+            [SVDSWEEP, "sweep", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for case, (args, _) in cases.items()
+    }
+    for case, process in processes.items():
+        # An unreachable database fails at once: retries are for a database lost mid-sweep.
+        _, stderr = process.communicate(timeout=120)
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert process.returncode == 1, (case, stderr)
+        assert len(lines) == 1 and lines[0].startswith("error: "), (case, stderr)
+        assert cases[case][1] in lines[0], (case, lines[0])
+    # Nothing written: no study created or changed, no SQLite file, no trial run.
+    assert _studies_in(pg_url) == before
+    assert not (tmp_path / "never.db").exists()
+
+
+def test_optuna_cli_and_optuna_dashboard_open_the_sweeps_storage(pg_url: str) -> None:
+    """Interop: the storage is plain Optuna, readable by Optuna's own tools."""
+    run_sweep(
+        SweepSpec(storage=pg_url, experiment="interop", trials=3, workers=2, trial_epochs=1),
+        objective=objective,
+        progress=False,
+    )
+    optuna_cli = str(REPO / ".venv" / "bin" / "optuna")
+    listed = subprocess.run(
+        [optuna_cli, "studies", "--storage", pg_url, "-f", "json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    studies = {study["name"]: study for study in json.loads(listed.stdout)}
+    assert set(studies) == {"interop-adam", "interop-svd-adam"}
+    assert all(study["n_trials"] == 3 for study in studies.values())
+    for optimizer in OPTIMIZERS:
+        best = subprocess.run(
+            [
+                optuna_cli,
+                "best-trial",
+                "--storage",
+                pg_url,
+                "--study-name",
+                f"interop-{optimizer}",
+                "-f",
+                "json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        trial = json.loads(best.stdout)
+        expected = optuna.load_study(study_name=f"interop-{optimizer}", storage=pg_url).best_trial
+        assert trial["number"] == expected.number
+        assert trial["value"] == pytest.approx(expected.value)
+        assert set(trial["params"]) == ({"lr"} if optimizer == "adam" else {"lr", "k"})
+
+    # optuna-dashboard's own command and storage loader, given only the URL.
+    port = _free_loopback_port()
+    dashboard = subprocess.Popen(
+        [
+            str(REPO / ".venv" / "bin" / "optuna-dashboard"),
+            pg_url,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        answer = _get_json(f"http://127.0.0.1:{port}/api/studies", dashboard)
+        names = {study["study_name"]: study for study in answer["study_summaries"]}
+        assert set(names) == {"interop-adam", "interop-svd-adam"}
+        study_id = names["interop-svd-adam"]["study_id"]
+        detail = _get_json(f"http://127.0.0.1:{port}/api/studies/{study_id}", dashboard)
+        assert len(detail["trials"]) == 3
+        assert {p["name"] for p in detail["trials"][0]["params"]} == {"lr", "k"}
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=30)
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _get_json(url: str, server: subprocess.Popen[str]) -> Any:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                return json.loads(answer.read())
+        except (urllib.error.URLError, ConnectionError):
+            if server.poll() is not None:
+                raise AssertionError(f"optuna-dashboard exited: {server.stderr.read()}") from None
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
