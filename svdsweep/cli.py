@@ -170,6 +170,39 @@ def bench_optimizer(
         print_report(figures)
 
 
+@bench_app.command("sweep")
+@friendly_errors
+def bench_sweep(
+    storage: Annotated[
+        str | None, typer.Option(help="storage URL; PostgreSQL is the deployment path")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="concurrent workers")] = 8,
+    trials: Annotated[int, typer.Option(help="no-op trials per study")] = 100,
+    real_trials: Annotated[int, typer.Option(help="real trials per study")] = 2,
+    real_epochs: Annotated[int, typer.Option(help="epochs of each real trial")] = 5,
+    train_subset: Annotated[int | None, typer.Option(help="first N training images only")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster (else local)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the figures as JSON")] = False,
+) -> None:
+    """No-op trials/s against stock Optuna, and a real trial's time outside training."""
+    from svdsweep.sweep_bench import print_sweep_report, run_sweep_benchmark
+
+    figures = run_sweep_benchmark(
+        storage,
+        workers=workers,
+        trials=trials,
+        real_trials=real_trials,
+        real_epochs=real_epochs,
+        train_subset=train_subset,
+        ray_address=ray_address,
+        progress=not as_json,
+    )
+    if as_json:
+        typer.echo(json.dumps(figures, indent=2))
+    else:
+        print_sweep_report(figures)
+
+
 StorageOption = Annotated[
     str | None,
     typer.Option(

@@ -111,8 +111,8 @@ def run_sweep(
     names = [study_name(spec.experiment, optimizer) for optimizer in OPTIMIZERS]
     if all(finished.get(name, 0) >= spec.trials for name in names):
         create_or_resume(url, spec.experiment, study_settings(spec))  # records the budget
-        _say(f"storage {redact(url)}; studies: {', '.join(names)}", progress)
-        _say("both studies already have their budget: nothing to run", progress)
+        say(f"storage {redact(url)}; studies: {', '.join(names)}", progress)
+        say("both studies already have their budget: nothing to run", progress)
         return experiment_status(url, spec.experiment)
 
     with ray_session(spec.ray_address, spec.ray_node_ip) as ray:
@@ -132,9 +132,9 @@ def run_sweep(
             )
         workers = spec.workers or _default_workers(resources, gpus, spec)
         create_or_resume(url, spec.experiment, study_settings(spec))
-        _say(f"storage {redact(url)}; studies: {', '.join(names)}", progress)
+        say(f"storage {redact(url)}; studies: {', '.join(names)}", progress)
         sweep_id = uuid.uuid4().hex[:12]
-        _say(
+        say(
             f"{workers} Ray workers ({gpus:g} GPU, {spec.cpus_per_worker:g} CPU each), "
             f"{spec.trials} trials per study, sweep id {sweep_id}",
             progress,
@@ -161,7 +161,7 @@ def run_sweep(
         try:
             _watch(ray, refs, url, spec.experiment, progress)
         except KeyboardInterrupt:
-            _say("interrupted: stopping workers and marking their trials FAIL", progress)
+            say("interrupted: stopping workers and marking their trials FAIL", progress)
             _stop_workers(ray, refs)
             fail_running_trials(url, spec.experiment, sweep_id)
             raise
@@ -335,6 +335,6 @@ def _format_params(params: dict[str, Any]) -> str:
     )
 
 
-def _say(message: str, enabled: bool) -> None:
+def say(message: str, enabled: bool) -> None:
     if enabled:
         print(message, file=sys.stderr, flush=True)

@@ -30,7 +30,15 @@ import optuna
 from optuna.trial import TrialState
 
 from svdsweep.space import StudySettings, suggest
-from svdsweep.storage import Heartbeat, budget_lock, open_storage, reap_stale_trials, retrying
+from svdsweep.storage import (
+    Heartbeat,
+    budget_lock,
+    count_trials,
+    open_storage,
+    reap_stale_trials,
+    retrying,
+    set_user_attrs,
+)
 from svdsweep.studies import load_settings, study_name
 from svdsweep.train import OPTIMIZERS, ReportCallback, TrainConfig, TrainingDiverged, TrainResult
 
@@ -150,8 +158,8 @@ def _claim(
     """Atomically asks for a trial in the study with the most room, if any has room."""
     with budget_lock(url, experiment):
         room = []
-        for study, settings in studies.values():
-            claimed = len(study.get_trials(deepcopy=False, states=CLAIMED))
+        counts = count_trials([study for study, _ in studies.values()], CLAIMED)
+        for (study, settings), claimed in zip(studies.values(), counts, strict=True):
             if claimed < settings.budget:
                 room.append((claimed / settings.budget, study.study_name, study, settings))
         if not room:
@@ -191,12 +199,12 @@ def _run_trial(
             for name, value in metrics.items():
                 curves.setdefault(name, []).append(value)
             retrying(lambda: trial.report(metrics["val_loss"], epoch))
-            if retrying(trial.should_prune):
+            if settings.pruner != "none" and retrying(trial.should_prune):
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
         value: float | None = None
         try:
-            _set_user_attrs(trial, identity)
+            set_user_attrs(storage, trial._trial_id, identity)
             config = retrying(partial(suggest, trial, settings))
             result = objective(config, report)
             attrs.update(
@@ -216,35 +224,31 @@ def _run_trial(
             value, state = float("inf"), TrialState.COMPLETE
         except BaseException as error:
             attrs.update(curves=curves, error=f"{type(error).__name__}: {error}"[:2000])
-            _finish(study, trial, attrs, started, None, TrialState.FAIL)
+            _finish(study, trial, storage, attrs, started, None, TrialState.FAIL)
             if not isinstance(error, Exception):
                 raise  # KeyboardInterrupt, SystemExit: the trial is FAIL, not RUNNING
             log.exception("trial %d of %s failed", trial.number, study.study_name)
             return TrialState.FAIL
-        _finish(study, trial, attrs, started, value, state)
+        _finish(study, trial, storage, attrs, started, value, state)
         return state
 
 
 def _finish(
     study: optuna.Study,
     trial: optuna.Trial,
+    storage: Any,
     attrs: dict[str, Any],
     started: float,
     value: float | None,
     state: TrialState,
 ) -> None:
     attrs["duration_s"] = round(time.time() - started, 3)
-    _set_user_attrs(trial, attrs)
+    set_user_attrs(storage, trial._trial_id, attrs)
     retrying(
         lambda: study.tell(
             trial, value if state == TrialState.COMPLETE else None, state, skip_if_finished=True
         )
     )
-
-
-def _set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
-    for key, value in attrs.items():
-        retrying(partial(trial.set_user_attr, key, value))
 
 
 def _curves(result: TrainResult) -> dict[str, Any]:

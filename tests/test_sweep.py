@@ -696,3 +696,24 @@ def _get_json(url: str, server: subprocess.Popen[str]) -> Any:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_the_sweep_benchmark_measures_both_and_cleans_up(pg_url: str) -> None:
+    """`svdsweep bench sweep` in small: figures from the storage, exact budgets, no leftovers."""
+    from svdsweep.sweep_bench import run_sweep_benchmark
+
+    figures = run_sweep_benchmark(
+        pg_url, workers=4, trials=6, real_trials=2, real_epochs=1, train_subset=500, progress=False
+    )
+    assert figures["svdsweep"]["finished_per_study"] == [6, 6]
+    # Stock Optuna only stops a worker after its trial ends: at least the budget, often more.
+    assert all(n >= 6 for n in figures["stock"]["finished_per_study"])
+    for row in (figures["stock"], figures["svdsweep"]):
+        assert row["trials_per_second"] > 0 and row["seconds"] > 0
+    real = figures["real"]
+    assert len(real["trials"]) == 3  # 4 real trials, the first (which loads data) left out
+    for trial in real["trials"]:
+        assert 0 < trial["train_s"] < trial["wall_s"]
+    assert 0 < real["overhead_fraction_median"] < 1
+    assert optuna.get_all_study_summaries(storage=pg_url) == []
