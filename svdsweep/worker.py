@@ -229,8 +229,7 @@ def _run_trial(
                 raise  # KeyboardInterrupt, SystemExit: the trial is FAIL, not RUNNING
             log.exception("trial %d of %s failed", trial.number, study.study_name)
             return TrialState.FAIL
-        _finish(study, trial, storage, attrs, started, value, state)
-        return state
+        return _finish(study, trial, storage, attrs, started, value, state)
 
 
 def _finish(
@@ -241,14 +240,24 @@ def _finish(
     started: float,
     value: float | None,
     state: TrialState,
-) -> None:
+) -> TrialState:
+    """Writes the trial's attributes and tells its result; returns its final state."""
     attrs["duration_s"] = round(time.time() - started, 3)
-    set_user_attrs(storage, trial._trial_id, attrs)
-    retrying(
+    try:
+        set_user_attrs(storage, trial._trial_id, attrs)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # Reaped as stale while it ran (heartbeats lost longer than the grace
+        # period): its slot was already freed and its parameters re-queued.
+        log.warning(
+            "trial %d of %s was failed as stale while running", trial.number, study.study_name
+        )
+        return TrialState.FAIL
+    told = retrying(
         lambda: study.tell(
             trial, value if state == TrialState.COMPLETE else None, state, skip_if_finished=True
         )
     )
+    return told.state  # FAIL if it was reaped between the attributes and the tell
 
 
 def _curves(result: TrainResult) -> dict[str, Any]:

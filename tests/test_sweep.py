@@ -267,6 +267,28 @@ _WORKER_SCRIPT = textwrap.dedent(
 )
 
 
+def test_a_trial_reaped_while_it_runs_does_not_stop_its_worker(tmp_path: Path) -> None:
+    """After a long database outage a live trial may be failed as stale: the worker goes on."""
+    url = f"sqlite:///{tmp_path}/reaped.db"
+    create_or_resume(url, "reaped", study_settings(SweepSpec(experiment="reaped", trials=2)))
+    storage = optuna.storages.RDBStorage(url)
+    reaped: list[int] = []
+
+    def objective(config: Any, report: Any) -> Any:
+        if not reaped:  # what a driver's reaper does to a trial whose heartbeat went silent
+            (summary,) = [s for s in storage.get_all_studies() if s.study_name == "reaped-adam"]
+            (running,) = storage.get_all_trials(summary._study_id, states=(TrialState.RUNNING,))
+            storage.set_trial_state_values(running._trial_id, TrialState.FAIL)
+            reaped.append(running.number)
+        return cheap_objective.cheap_objective(config, report, seconds=0.01)
+
+    summary = run_worker(url, "reaped", objective=objective, poll_seconds=0.1)
+    assert summary.trials[0] == ("reaped-adam", reaped[0], "FAIL")
+    for optimizer in OPTIMIZERS:
+        assert _states(url, "reaped", optimizer)["COMPLETE"] == 2
+    assert _states(url, "reaped", "adam")["FAIL"] == 1
+
+
 def test_a_killed_workers_last_trial_is_reaped_and_retried(pg_url: str) -> None:
     """SIGKILL mid-trial: heartbeats go stale, the trial is FAILed and its params rerun."""
     spec = SweepSpec(storage=pg_url, experiment="kill", trials=2)
