@@ -68,7 +68,16 @@ def run_sweep_benchmark(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Runs the three measurements (see the module docstring) and returns the figures."""
+    for flag, value in (
+        ("--workers", workers),
+        ("--trials", trials),
+        ("--real-trials", real_trials),
+        ("--real-epochs", real_epochs),
+    ):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     url = resolve_storage_url(storage)
+    open_storage(url, heartbeat=False)  # an unreachable database fails here, before Ray starts
     experiment = f"bench-{uuid.uuid4().hex[:8]}"
     figures: dict[str, Any] = {
         "storage": redact(url),
