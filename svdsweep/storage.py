@@ -45,7 +45,6 @@ __all__ = [
     "Heartbeat",
     "StorageError",
     "budget_lock",
-    "count_trials",
     "has_studies_table",
     "open_storage",
     "reap_stale_trials",
@@ -53,6 +52,7 @@ __all__ = [
     "resolve_storage_url",
     "retrying",
     "set_user_attrs",
+    "trial_counts",
 ]
 
 log = logging.getLogger(__name__)
@@ -337,28 +337,32 @@ def set_user_attrs(storage: RDBStorage, trial_id: int, attrs: dict[str, Any]) ->
     retrying(write_all)
 
 
-def count_trials(studies: list[optuna.Study], states: tuple[TrialState, ...]) -> list[int]:
-    """How many trials of each study are in ``states``: one ``COUNT`` query for all.
+def trial_counts(studies: list[optuna.Study]) -> list[dict[TrialState, int]]:
+    """How many trials of each study are in each state: one ``COUNT … GROUP BY`` for all.
 
-    The budget claim runs this under a lock that serialises every worker, so it
-    must not load the trials themselves (``get_trials`` reads every attribute).
+    The budget claim runs this under a lock that serialises every worker, and
+    the driver every second, so it must not load the trials themselves
+    (``get_trials`` reads every parameter and attribute of every trial).
     """
     from optuna.storages._rdb import models
 
     ids = [study._study_id for study in studies]
     backend: Any = getattr(studies[0]._storage, "_backend", studies[0]._storage)
+    trial = models.TrialModel
     query = (
-        sqlalchemy.select(models.TrialModel.study_id, sqlalchemy.func.count())
-        .where(models.TrialModel.study_id.in_(ids), models.TrialModel.state.in_(states))
-        .group_by(models.TrialModel.study_id)
+        sqlalchemy.select(trial.study_id, trial.state, sqlalchemy.func.count())
+        .where(trial.study_id.in_(ids))
+        .group_by(trial.study_id, trial.state)
     )
+    counts: dict[int, dict[TrialState, int]] = {study_id: {} for study_id in ids}
     with backend.engine.connect() as connection:
-        counts = dict(connection.execute(query).all())
-    return [int(counts.get(study_id, 0)) for study_id in ids]
+        for study_id, state, count in connection.execute(query):
+            counts[study_id][TrialState(state) if isinstance(state, int) else state] = int(count)
+    return [{state: counts[study_id].get(state, 0) for state in TrialState} for study_id in ids]
 
 
 def _count(study: optuna.Study, state: TrialState) -> int:
-    return len(study.get_trials(deepcopy=False, states=(state,)))
+    return trial_counts([study])[0][state]
 
 
 def _is_transient(error: BaseException) -> bool:

@@ -23,6 +23,7 @@ from svdsweep.storage import (
     redact,
     resolve_storage_url,
     retrying,
+    trial_counts,
 )
 from svdsweep.train import OPTIMIZERS
 
@@ -171,9 +172,16 @@ class StudyStatus:
         }
 
 
-def experiment_status(storage_url: str | None, experiment: str) -> list[StudyStatus]:
-    """Status of both studies; :class:`ExperimentError` when neither exists."""
-    storage = open_storage(storage_url, heartbeat=False, create=False)
+def experiment_status(
+    storage_url: str | None, experiment: str, *, storage: Any = None
+) -> list[StudyStatus]:
+    """Status of both studies; :class:`ExperimentError` when neither exists.
+
+    ``storage``: an already open storage for ``storage_url``, for callers that
+    poll (the sweep driver, every second), so that each poll costs two queries
+    per study rather than a new connection pool and every trial's attributes.
+    """
+    storage = storage or open_storage(storage_url, heartbeat=False, create=False)
     names = retrying(lambda: {s.study_name for s in storage.get_all_studies()})
     wanted = [opt for opt in OPTIMIZERS if study_name(experiment, opt) in names]
     if not wanted:
@@ -188,17 +196,15 @@ def _study_status(storage: Any, experiment: str, optimizer: str) -> StudyStatus:
     settings = load_settings(storage, experiment, optimizer)
     name = study_name(experiment, optimizer)
     study = optuna.load_study(study_name=name, storage=storage)
-    trials = retrying(lambda: study.get_trials(deepcopy=False))
-    counts = {state.name: 0 for state in TrialState}
-    for trial in trials:
-        counts[trial.state.name] += 1
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    best = min(complete, key=lambda t: float(t.value or 0.0), default=None)
+    (counts,) = retrying(lambda: trial_counts([study]))
+    best = None
+    if counts[TrialState.COMPLETE]:
+        best = retrying(lambda: study.best_trial)  # one ORDER BY value query
     return StudyStatus(
         name=name,
         optimizer=optimizer,
         budget=settings.budget,
-        counts=counts,
+        counts={state.name: count for state, count in counts.items()},
         best_value=best.value if best else None,
         best_params=dict(best.params) if best else None,
         best_trial=best.number if best else None,

@@ -250,7 +250,7 @@ def _watch(ray: Any, refs: list[Any], url: str, experiment: str, progress: bool)
                     _raise_worker_error(ray, ref, refs)
             for study in studies:
                 retrying(partial(reap_stale_trials, study))
-            show(retrying(partial(experiment_status, url, experiment)))
+            show(retrying(partial(experiment_status, url, experiment, storage=storage)))
 
 
 def _raise_worker_error(ray: Any, ref: Any, refs: list[Any]) -> None:

@@ -33,11 +33,11 @@ from svdsweep.space import StudySettings, suggest
 from svdsweep.storage import (
     Heartbeat,
     budget_lock,
-    count_trials,
     open_storage,
     reap_stale_trials,
     retrying,
     set_user_attrs,
+    trial_counts,
 )
 from svdsweep.studies import load_settings, study_name
 from svdsweep.train import OPTIMIZERS, ReportCallback, TrainConfig, TrainingDiverged, TrainResult
@@ -158,8 +158,9 @@ def _claim(
     """Atomically asks for a trial in the study with the most room, if any has room."""
     with budget_lock(url, experiment):
         room = []
-        counts = count_trials([study for study, _ in studies.values()], CLAIMED)
-        for (study, settings), claimed in zip(studies.values(), counts, strict=True):
+        counts = trial_counts([study for study, _ in studies.values()])
+        for (study, settings), count in zip(studies.values(), counts, strict=True):
+            claimed = sum(count[state] for state in CLAIMED)
             if claimed < settings.budget:
                 room.append((claimed / settings.budget, study.study_name, study, settings))
         if not room:
