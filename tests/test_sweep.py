@@ -726,13 +726,23 @@ def test_the_sweep_benchmark_measures_both_and_cleans_up(pg_url: str) -> None:
     from svdsweep.sweep_bench import run_sweep_benchmark
 
     figures = run_sweep_benchmark(
-        pg_url, workers=4, trials=6, real_trials=2, real_epochs=1, train_subset=500, progress=False
+        pg_url,
+        workers=4,
+        trials=6,
+        repeats=2,
+        real_trials=2,
+        real_epochs=1,
+        train_subset=500,
+        progress=False,
     )
-    assert figures["svdsweep"]["finished_per_study"] == [6, 6]
+    for name in ("stock", "svdsweep"):
+        runs = figures[name]["runs"]
+        assert len(runs) == 2 and all(r["trials_per_second"] > 0 and r["seconds"] > 0 for r in runs)
+        rates = sorted(r["trials_per_second"] for r in runs)
+        assert figures[name]["trials_per_second"] == pytest.approx(sum(rates) / 2)
+    assert [r["finished_per_study"] for r in figures["svdsweep"]["runs"]] == [[6, 6], [6, 6]]
     # Stock Optuna only stops a worker after its trial ends: at least the budget, often more.
-    assert all(n >= 6 for n in figures["stock"]["finished_per_study"])
-    for row in (figures["stock"], figures["svdsweep"]):
-        assert row["trials_per_second"] > 0 and row["seconds"] > 0
+    assert all(n >= 6 for r in figures["stock"]["runs"] for n in r["finished_per_study"])
     real = figures["real"]
     assert len(real["trials"]) == 3  # 4 real trials, the first (which loads data) left out
     for trial in real["trials"]:
