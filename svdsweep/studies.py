@@ -103,9 +103,9 @@ def check_resumable(
                 "use another --experiment name"
             )
         study = optuna.load_study(study_name=name, storage=storage)
-        trials = retrying(partial(study.get_trials, deepcopy=False))
+        (counts,) = retrying(partial(trial_counts, [study]))
         stored = summary.user_attrs.get(SETTINGS_ATTR)
-        if stored is None and trials:
+        if stored is None and any(counts.values()):
             raise ExperimentError(
                 f"study {name!r} already exists with trials but was not created by svdsweep; "
                 "use another --experiment name"
@@ -119,7 +119,7 @@ def check_resumable(
                     + "; ".join(differences)
                     + "); use another --experiment name or the stored settings"
                 )
-        finished[name] = sum(trial.state in FINISHED for trial in trials)
+        finished[name] = sum(counts[state] for state in FINISHED)
     return finished
 
 

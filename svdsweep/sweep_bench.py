@@ -100,16 +100,7 @@ def run_sweep_benchmark(
             # Warm-up, not measured: Ray keeps its worker processes, so the measured
             # runs below do not include starting them and importing torch.
             say("0/3 warming up the Ray workers", progress)
-            warm_up = SweepSpec(
-                storage=url,
-                experiment=f"{experiment}-warmup",
-                trials=workers,
-                workers=workers,
-                gpus_per_worker=0,
-                cpus_per_worker=cpus_per_worker,
-                trial_epochs=1,
-            )
-            run_sweep(warm_up, objective=noop_objective, progress=False)
+            _noop_sweep(url, f"{experiment}-warmup", workers, workers, cpus_per_worker)
             runs: dict[str, list[dict[str, Any]]] = {"stock": [], "svdsweep": []}
             for repeat in range(repeats):
                 say(f"1/3 stock Optuna, run {repeat + 1}/{repeats}", progress)
@@ -117,19 +108,10 @@ def run_sweep_benchmark(
                     _stock_optuna(ray, url, f"{experiment}-stock{repeat}", workers, trials)
                 )
                 say(f"2/3 svdsweep workers, no-op objective, run {repeat + 1}/{repeats}", progress)
-                noop = SweepSpec(
-                    storage=url,
-                    experiment=f"{experiment}-noop{repeat}",
-                    trials=trials,
-                    workers=workers,
-                    gpus_per_worker=0,
-                    cpus_per_worker=cpus_per_worker,
-                    trial_epochs=1,
-                    seed=repeat,
-                )
-                run_sweep(noop, objective=noop_objective, progress=False)
                 runs["svdsweep"].append(
-                    _throughput(url, [study_name(noop.experiment, o) for o in OPTIMIZERS])
+                    _noop_sweep(
+                        url, f"{experiment}-noop{repeat}", trials, workers, cpus_per_worker, repeat
+                    )
                 )
             for name, measured in runs.items():
                 figures[name] = {
@@ -157,6 +139,24 @@ def run_sweep_benchmark(
         finally:
             _delete_studies(url, experiment)
     return figures
+
+
+def _noop_sweep(
+    url: str, experiment: str, trials: int, workers: int, cpus_per_worker: float, seed: int = 0
+) -> dict[str, Any]:
+    """svdsweep's own sweep of the no-op objective on CPU workers; its throughput."""
+    spec = SweepSpec(
+        storage=url,
+        experiment=experiment,
+        trials=trials,
+        workers=workers,
+        gpus_per_worker=0,
+        cpus_per_worker=cpus_per_worker,
+        trial_epochs=1,
+        seed=seed,
+    )
+    run_sweep(spec, objective=noop_objective, progress=False)
+    return _throughput(url, [study_name(experiment, optimizer) for optimizer in OPTIMIZERS])
 
 
 def _stock_worker(url: str, name: str, budget: int, seed: int) -> None:
