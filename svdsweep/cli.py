@@ -1,20 +1,36 @@
 """The ``svdsweep`` command line. Thin: every command parses flags and calls the library.
 
-Errors a user can fix (bad flags, missing data, unreachable storage, a
-diverged run) print one line on stderr and exit with status 1 (2 for usage
-errors, as click does); anything else is a bug and keeps its traceback.
+Settings flow one way: a command's flags are given, by name, to one spec
+object (``TrainConfig``, ``SweepSpec``, ``ReportSpec``), whose defaults are the
+flags' defaults, so that each is written once, next to its reason.
+
+One error policy (:func:`friendly_errors`): an error the user can fix (a
+:class:`~svdsweep.errors.UserError`: bad flags, missing data, unreachable
+storage, a diverged run) prints one line on stderr and exits with status 1;
+anything else is a bug and keeps its traceback, with exit status 2 (as click
+uses for usage errors).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
+
+from svdsweep.errors import UserError
+from svdsweep.report import ReportSpec
+from svdsweep.space import SearchSpace
+from svdsweep.studies import DEFAULT_EXPERIMENT
+from svdsweep.sweep import SweepSpec
+from svdsweep.train import TrainConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -28,53 +44,49 @@ bench_app = typer.Typer(
 app.add_typer(bench_app, name="bench")
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
-
-class UserError(Exception):
-    """An error whose message is the whole story: printed as one line, exit 1."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from svdsweep.data import DataNotFoundError
-    from svdsweep.storage import StorageError
-    from svdsweep.train import TrainingDiverged
-
-    errors: tuple[type[BaseException], ...] = (
-        UserError,
-        ValueError,
-        DataNotFoundError,
-        TrainingDiverged,
-        PermissionError,
-        StorageError,
-    )
-    if "svdsweep.sweep" in sys.modules:  # only loaded by the commands that use Ray
-        from svdsweep.sweep import SweepError
-        from svdsweep.worker import WorkerError
-
-        errors += (SweepError, WorkerError)
-    if "svdsweep.report" in sys.modules:  # loaded by `report` and `run`
-        from svdsweep.report import ReportError
-
-        errors += (ReportError,)
-    return errors
+#: Exit status of an error the user can fix; of a bug (the traceback is printed).
+USER_ERROR, INTERNAL_ERROR = 1, 2
 
 
 def friendly_errors(command: F) -> F:
-    """Turns the errors a user can act on into ``error: <message>`` and exit status 1."""
+    """The error policy: a :class:`UserError` is one line and exit 1; a bug, its traceback, exit 2.
+
+    ``PermissionError`` counts as the user's too: a directory they named
+    cannot be written.
+    """
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except _user_errors() as error:
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except (UserError, PermissionError) as error:
             message = " ".join(str(error).split()) or type(error).__name__
             typer.echo(f"error: {message}", err=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(USER_ERROR) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except Exception:  # noqa: BLE001 - anything else is a bug: its traceback, exit 2
+            traceback.print_exc()
+            typer.echo("svdsweep failed on an internal error (a bug): see above", err=True)
+            raise typer.Exit(INTERNAL_ERROR) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def given(target: Callable[..., T], flags: dict[str, Any], **converted: Any) -> T:
+    """``target`` called with the flags it takes, by name, and ``converted`` ones.
+
+    Keeps the CLI from repeating every flag as ``name=name``: a flag reaches
+    the spec under its own name, or is converted explicitly here.
+    """
+    accepted = inspect.signature(target).parameters
+    picked = {name: value for name, value in flags.items() if name in accepted}
+    return target(**{**picked, **converted})
 
 
 DataDirOption = Annotated[
@@ -89,19 +101,23 @@ DataDirOption = Annotated[
 @app.command()
 @friendly_errors
 def train(
-    optimizer: Annotated[str, typer.Option(help="adam or svd-adam")] = "adam",
-    lr: Annotated[float, typer.Option(help="Adam learning rate")] = 1e-3,
-    k: Annotated[int | None, typer.Option(help="rank kept by svd-adam")] = None,
-    method: Annotated[str, typer.Option(help="default, exact, randomized or subspace")] = "default",
-    epochs: Annotated[int, typer.Option(help="passes over the training split")] = 5,
-    batch_size: Annotated[int, typer.Option(help="images per step")] = 128,
-    seed: Annotated[int, typer.Option(help="model init and batch order")] = 0,
-    dataset: Annotated[str, typer.Option(help="fashion-mnist or mnist")] = "fashion-mnist",
-    model: Annotated[str, typer.Option(help="mlp or cnn")] = "mlp",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    optimizer: Annotated[str, typer.Option(help="adam or svd-adam")] = TrainConfig.optimizer,
+    lr: Annotated[float, typer.Option(help="Adam learning rate")] = TrainConfig.lr,
+    k: Annotated[int | None, typer.Option(help="rank kept by svd-adam")] = TrainConfig.k,
+    method: Annotated[
+        str, typer.Option(help="default, exact, randomized or subspace")
+    ] = TrainConfig.method,
+    epochs: Annotated[int, typer.Option(help="passes over the training split")] = (
+        TrainConfig.epochs
+    ),
+    batch_size: Annotated[int, typer.Option(help="images per step")] = TrainConfig.batch_size,
+    seed: Annotated[int, typer.Option(help="model init and batch order")] = TrainConfig.seed,
+    dataset: Annotated[str, typer.Option(help="fashion-mnist or mnist")] = TrainConfig.dataset,
+    model: Annotated[str, typer.Option(help="mlp or cnn")] = TrainConfig.model,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = TrainConfig.device,
     train_subset: Annotated[
         int | None, typer.Option(help="train on the first N training images only")
-    ] = None,
+    ] = TrainConfig.train_subset,
     test: Annotated[
         bool, typer.Option("--test/--no-test", help="also evaluate the test set")
     ] = False,
@@ -110,23 +126,10 @@ def train(
 ) -> None:
     """Train one model and print per-epoch metrics."""
     from svdsweep.progress import epoch_progress
-    from svdsweep.train import TrainConfig
     from svdsweep.train import train as run_training
 
-    config = TrainConfig(
-        optimizer=optimizer,
-        lr=lr,
-        k=k,
-        method=method,
-        epochs=epochs,
-        batch_size=batch_size,
-        seed=seed,
-        dataset=dataset,
-        model=model,
-        device=device,
-        train_subset=train_subset,
-        evaluate_test=test,
-        data_dir=str(data_dir) if data_dir else None,
+    config = given(
+        TrainConfig, locals(), evaluate_test=test, data_dir=str(data_dir) if data_dir else None
     )
     label = optimizer if optimizer == "adam" else f"{optimizer} k={k}"
     with epoch_progress(f"{label} lr={lr:g}", epochs, quiet=as_json) as report:
@@ -154,13 +157,9 @@ def bench_optimizer(
     """Epoch time of every method as a ratio to Adam, and its quality against exact SVD."""
     from svdsweep.bench import print_report, run_optimizer_benchmark
 
-    figures = run_optimizer_benchmark(
-        epochs=epochs,
-        k=k,
-        model=model,
-        device=device,
-        quality_steps=quality_steps,
-        train_subset=train_subset,
+    figures = given(
+        run_optimizer_benchmark,
+        locals(),
         data_dir=str(data_dir) if data_dir else None,
         progress=not as_json,
     )
@@ -188,17 +187,7 @@ def bench_sweep(
     """No-op trials/s against stock Optuna, and a real trial's time outside training."""
     from svdsweep.sweep_bench import print_sweep_report, run_sweep_benchmark
 
-    figures = run_sweep_benchmark(
-        storage,
-        workers=workers,
-        trials=trials,
-        real_trials=real_trials,
-        real_epochs=real_epochs,
-        repeats=repeats,
-        train_subset=train_subset,
-        ray_address=ray_address,
-        progress=not as_json,
-    )
+    figures = given(run_sweep_benchmark, locals(), progress=not as_json)
     if as_json:
         typer.echo(json.dumps(figures, indent=2))
     else:
@@ -235,55 +224,44 @@ RayNodeIpOption = Annotated[
 @friendly_errors
 def sweep(
     storage: StorageOption = None,
-    experiment: ExperimentOption = "fashion-mnist-mlp",
-    trials: Annotated[int, typer.Option(help="finished trials per study")] = 30,
+    experiment: ExperimentOption = DEFAULT_EXPERIMENT,
+    trials: Annotated[int, typer.Option(help="finished trials per study")] = SweepSpec.trials,
     workers: Annotated[
         int | None, typer.Option(help="Ray workers (default: one per GPU, else per CPU)")
-    ] = None,
+    ] = SweepSpec.workers,
     gpus_per_worker: Annotated[
         float | None, typer.Option(help="GPUs each worker reserves: 1, 0 or a fraction")
-    ] = None,
-    cpus_per_worker: Annotated[float, typer.Option(help="CPUs each worker reserves")] = 1.0,
+    ] = SweepSpec.gpus_per_worker,
+    cpus_per_worker: Annotated[
+        float, typer.Option(help="CPUs each worker reserves")
+    ] = SweepSpec.cpus_per_worker,
     ray_address: RayAddressOption = None,
     ray_node_ip: RayNodeIpOption = None,
-    trial_epochs: Annotated[int, typer.Option(help="epochs per trial")] = 5,
-    dataset: Annotated[str, typer.Option(help="fashion-mnist or mnist")] = "fashion-mnist",
-    model: Annotated[str, typer.Option(help="mlp or cnn")] = "mlp",
-    method: Annotated[str, typer.Option(help="low-rank method of svd-adam")] = "default",
+    trial_epochs: Annotated[int, typer.Option(help="epochs per trial")] = SweepSpec.trial_epochs,
+    dataset: Annotated[str, typer.Option(help="fashion-mnist or mnist")] = SweepSpec.dataset,
+    model: Annotated[str, typer.Option(help="mlp or cnn")] = SweepSpec.model,
+    method: Annotated[str, typer.Option(help="low-rank method of svd-adam")] = SweepSpec.method,
     train_subset: Annotated[
         int | None, typer.Option(help="train each trial on the first N images only")
-    ] = None,
-    seed: Annotated[int, typer.Option(help="training seed of every trial; seeds samplers")] = 0,
-    pruner: Annotated[str, typer.Option(help="none or median")] = "none",
+    ] = SweepSpec.train_subset,
+    seed: Annotated[
+        int, typer.Option(help="training seed of every trial; seeds samplers")
+    ] = SweepSpec.seed,
+    pruner: Annotated[str, typer.Option(help="none or median")] = SweepSpec.pruner,
     lr_range: Annotated[tuple[float, float], typer.Option(help="log-uniform lr range searched")] = (
-        1e-4,
-        1e-1,
+        SearchSpace.lr_low,
+        SearchSpace.lr_high,
     ),
-    k_range: Annotated[tuple[int, int], typer.Option(help="k range searched")] = (1, 64),
+    k_range: Annotated[tuple[int, int], typer.Option(help="k range searched")] = (
+        SearchSpace.k_low,
+        SearchSpace.k_high,
+    ),
 ) -> None:
     """Create or resume both studies and run trials on Ray workers until both budgets are met."""
-    from svdsweep.space import SearchSpace
-    from svdsweep.sweep import SweepSpec, run_sweep
+    from svdsweep.sweep import run_sweep
 
-    spec = SweepSpec(
-        storage=storage,
-        experiment=experiment,
-        trials=trials,
-        workers=workers,
-        gpus_per_worker=gpus_per_worker,
-        cpus_per_worker=cpus_per_worker,
-        ray_address=ray_address,
-        ray_node_ip=ray_node_ip,
-        trial_epochs=trial_epochs,
-        dataset=dataset,
-        model=model,
-        method=method,
-        train_subset=train_subset,
-        seed=seed,
-        pruner=pruner,
-        space=SearchSpace(lr_range[0], lr_range[1], k_range[0], k_range[1]),
-    )
-    final = run_sweep(spec)
+    space = SearchSpace(lr_range[0], lr_range[1], k_range[0], k_range[1])
+    final = run_sweep(given(SweepSpec, locals(), space=space))
     _print_status(final)
 
 
@@ -291,7 +269,7 @@ def sweep(
 @friendly_errors
 def worker(
     storage: StorageOption = None,
-    experiment: ExperimentOption = "fashion-mnist-mlp",
+    experiment: ExperimentOption = DEFAULT_EXPERIMENT,
     worker_id: Annotated[int, typer.Option(help="distinguishes this worker's sampler seed")] = 0,
     seed: Annotated[int, typer.Option(help="base sampler seed")] = 0,
     max_trials: Annotated[int | None, typer.Option(help="stop after this many trials")] = None,
@@ -308,7 +286,7 @@ def worker(
 @friendly_errors
 def status(
     storage: StorageOption = None,
-    experiment: ExperimentOption = "fashion-mnist-mlp",
+    experiment: ExperimentOption = DEFAULT_EXPERIMENT,
     as_json: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
 ) -> None:
     """Trials per state, best value and best parameters of both studies."""
@@ -345,6 +323,7 @@ def dashboard(
 
     from svdsweep.storage import open_storage
 
+    # Unlike the reporter, no default directory: without one, no artifacts are shown.
     directory = artifact_dir or _env_path("SVDSWEEP_ARTIFACT_DIR")
     store = None
     if directory is not None:
@@ -377,12 +356,12 @@ OutOption = Annotated[
 @friendly_errors
 def report(
     storage: StorageOption = None,
-    experiment: ExperimentOption = "fashion-mnist-mlp",
-    epochs: Annotated[int, typer.Option(help="epochs of each final training")] = 20,
+    experiment: ExperimentOption = DEFAULT_EXPERIMENT,
+    epochs: Annotated[int, typer.Option(help="epochs of each final training")] = ReportSpec.epochs,
     seeds: Annotated[
         int, typer.Option(help="final trainings per optimizer, with seeds 1000, 1001, ...")
-    ] = 5,
-    out: OutOption = Path("results"),
+    ] = ReportSpec.seeds,
+    out: OutOption = ReportSpec.out,
     ray_address: RayAddressOption = None,
     ray_node_ip: RayNodeIpOption = None,
     gpus_per_run: Annotated[
@@ -392,20 +371,10 @@ def report(
     artifact_dir: ArtifactDirOption = None,
 ) -> None:
     """Retrain both studies' best trials over several seeds; write the figure and the report."""
-    from svdsweep.report import ReportSpec, build_report
+    from svdsweep.report import build_report
 
-    spec = ReportSpec(
-        storage=storage,
-        experiment=experiment,
-        epochs=epochs,
-        seeds=seeds,
-        out=out,
-        ray_address=ray_address,
-        ray_node_ip=ray_node_ip,
-        gpus_per_run=gpus_per_run,
-        artifact_dir=artifact_dir,
-    )
-    _print_outcome(build_report(spec), storage_given=storage is not None)
+    outcome = build_report(given(ReportSpec, locals()))
+    _print_outcome(outcome, storage_given=storage is not None)
 
 
 @app.command()
@@ -422,7 +391,7 @@ def run(
     experiment: Annotated[
         str | None, typer.Option(help="default: the preset's name (quick, paper)")
     ] = None,
-    out: OutOption = Path("results"),
+    out: OutOption = ReportSpec.out,
     storage: Annotated[
         str | None, typer.Option(help="Optuna storage URL (default: sqlite:///svdsweep.db)")
     ] = None,
@@ -432,20 +401,7 @@ def run(
     """The whole job: sweep both studies, then report, on a local Ray and SQLite."""
     from svdsweep.job import run_job
 
-    outcome = run_job(
-        preset,
-        trials=trials,
-        trial_epochs=trial_epochs,
-        epochs=epochs,
-        seeds=seeds,
-        train_subset=train_subset,
-        experiment=experiment,
-        out=out,
-        storage=storage,
-        artifact_dir=artifact_dir,
-        ray_node_ip=ray_node_ip,
-    )
-    _print_outcome(outcome, storage_given=True)
+    _print_outcome(given(run_job, locals()), storage_given=True)
 
 
 def _print_outcome(outcome: Any, *, storage_given: bool) -> None:

@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from svdsweep.errors import ConfigError, UserError
+
 __all__ = [
     "DATASETS",
     "DataNotFoundError",
@@ -62,7 +64,7 @@ VALIDATION_SIZE = 10_000
 SPLIT_SEED = 20_240_601
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(UserError, FileNotFoundError):
     """No copy of the dataset could be found or fetched; the message says what was tried."""
 
 
@@ -92,7 +94,7 @@ def resolve_raw_dir(dataset: str, data_dir: str | os.PathLike[str] | None = None
     Raises :class:`DataNotFoundError` listing every place tried and how to fix it.
     """
     if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
+        raise ConfigError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASETS)}")
     class_name = DATASETS[dataset][0]
     tried: list[str] = []
     candidates: list[tuple[str, Path]] = []
@@ -162,11 +164,11 @@ def load_splits(
 
     order = torch.randperm(len(train.data), generator=torch.Generator().manual_seed(SPLIT_SEED))
     if not 0 < validation_size < len(order):
-        raise ValueError(f"validation_size must be in 1..{len(order) - 1}, got {validation_size}")
+        raise ConfigError(f"validation_size must be in 1..{len(order) - 1}, got {validation_size}")
     val_idx, train_idx = order[:validation_size], order[validation_size:]
     if train_subset is not None:
         if train_subset < 1:
-            raise ValueError(f"train_subset must be positive, got {train_subset}")
+            raise ConfigError(f"train_subset must be positive, got {train_subset}")
         train_idx = train_idx[:train_subset]
     return Splits(
         train_x=normalise(train.data[train_idx]),

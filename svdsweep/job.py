@@ -16,11 +16,14 @@ or collides with, the paper's studies (which have other settings).
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from svdsweep.cluster import local_ray
+from svdsweep.database import DEFAULT_STORAGE, redact
+from svdsweep.errors import ConfigError
+from svdsweep.progress import say
 from svdsweep.report import (
     ReportOutcome,
     ReportSpec,
@@ -28,7 +31,7 @@ from svdsweep.report import (
     check_outputs,
     resolve_artifact_dir,
 )
-from svdsweep.storage import DEFAULT_STORAGE, redact
+from svdsweep.sweep import SweepSpec, run_sweep
 
 __all__ = ["PRESETS", "Preset", "run_job"]
 
@@ -103,10 +106,8 @@ def run_job(
     Flags left ``None`` take the preset's value. Bad sizes and an unwritable
     ``out`` fail here, before any training.
     """
-    from svdsweep.sweep import SweepSpec, local_ray, run_sweep, study_settings
-
     if preset not in PRESETS:
-        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        raise ConfigError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
     sizes = PRESETS[preset]
     overrides: dict[str, Any] = {
         "trials": trials,
@@ -130,7 +131,7 @@ def run_job(
         ray_node_ip=ray_node_ip,
         artifact_dir=resolve_artifact_dir(artifact_dir),
     )
-    sweep_spec = SweepSpec(  # validates the rest when the studies are created
+    sweep_spec = SweepSpec(  # raises ConfigError on a bad size, before Ray starts
         storage=url,
         experiment=sizes.experiment,
         trials=sizes.trials,
@@ -139,10 +140,8 @@ def run_job(
         ray_address="local",
         ray_node_ip=ray_node_ip,
     )
-    study_settings(sweep_spec)  # raises ValueError on a bad size, before Ray starts
     check_outputs(out, report_spec.artifact_dir or Path())
-    if progress:
-        print(f"{sizes.describe()}; storage {redact(url)}", file=sys.stderr, flush=True)
+    say(f"{sizes.describe()}; storage {redact(url)}", progress)
     with local_ray(ray_node_ip):
         run_sweep(sweep_spec, progress=progress)
         return build_report(report_spec, progress=progress)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from svdsweep.errors import ConfigError
+
 __all__ = ["MODELS", "build_model"]
 
 MODELS = ("mlp", "cnn")
@@ -38,4 +40,4 @@ def build_model(name: str) -> nn.Module:
             nn.ReLU(),
             nn.Linear(128, 10),
         )
-    raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
+    raise ConfigError(f"unknown model {name!r}; choose one of {MODELS}")

@@ -1,4 +1,4 @@
-"""The comparison figure, drawn from the reporter's results dict (or its results.json) alone.
+"""The comparison figure, drawn from a report's :class:`~svdsweep.report.results.Results` alone.
 
 The reporter writes ``results.json`` first and then draws the figure from that
 file with :func:`redraw`, so the figure is proven to be reproducible without
@@ -18,14 +18,16 @@ Matplotlib's object API on the Agg canvas: no pyplot, no global state, no displa
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from svdsweep.report.results import FigureInfo, FinalRun, Results
 
 __all__ = [
     "BAND",
@@ -37,7 +39,7 @@ __all__ = [
     "save_comparison",
 ]
 
-#: (curve key in each run, y-axis label, scale applied to the values), one per panel.
+#: (curve of each :class:`FinalRun`, y-axis label, scale applied to the values), one per panel.
 PANELS: tuple[tuple[str, str, float], ...] = (
     ("val_loss", "validation loss (cross-entropy, nats)", 1.0),
     ("val_acc", "validation accuracy (%)", 100.0),
@@ -61,15 +63,15 @@ def format_params(params: dict[str, Any]) -> str:
     )
 
 
-def draw_comparison(results: dict[str, Any]) -> Figure:
-    """The three-panel figure of ``results`` (the dict the reporter writes as results.json)."""
+def draw_comparison(results: Results) -> Figure:
+    """The three-panel figure of ``results``."""
     figure = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, len(PANELS))
-    optimizers = [o for o in ("adam", "svd-adam") if _runs(results, o)]
+    optimizers = [o for o in ("adam", "svd-adam") if results.runs_of(o)]
     for ax, (key, ylabel, scale), title in zip(axes, PANELS, PANEL_TITLES, strict=True):
         for optimizer in optimizers:
-            curves = [run[key] for run in _runs(results, optimizer) if run.get(key)]
+            curves = [_curve(run, key) for run in results.runs_of(optimizer) if _curve(run, key)]
             if not curves:
                 continue
             _mean_and_band(ax, curves, scale, COLORS[optimizer], _legend(results, optimizer))
@@ -88,43 +90,49 @@ def draw_comparison(results: dict[str, Any]) -> Figure:
     return figure
 
 
-def figure_info(file: str = "comparison.png") -> dict[str, Any]:
+def figure_info(file: str = "comparison.png") -> FigureInfo:
     """What :func:`save_comparison` draws: recorded in results.json before drawing."""
-    return {
-        "file": file,
-        "panels": [key for key, _, _ in PANELS],
-        "band": BAND,
-        "dpi": DPI,
-        "size_px": [round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI)],
-    }
+    from svdsweep.report.results import FigureInfo
+
+    return FigureInfo(
+        file=file,
+        panels=[key for key, _, _ in PANELS],
+        band=BAND,
+        dpi=DPI,
+        size_px=[round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI)],
+    )
 
 
-def save_comparison(results: dict[str, Any], path: str | Path) -> dict[str, Any]:
+def save_comparison(results: Results, path: str | Path) -> FigureInfo:
     """Draws and saves the figure as PNG; returns what was drawn (panels, pixel size)."""
+    from svdsweep.report.results import FigureInfo
+
     figure = draw_comparison(results)
     figure.savefig(path, format="png", dpi=DPI)
     width, height = (round(v * DPI) for v in figure.get_size_inches())
-    return {
-        "file": Path(path).name,
-        "panels": [key for (key, _, _), _ in zip(PANELS, figure.axes, strict=False)],
-        "band": BAND,
-        "dpi": DPI,
-        "size_px": [width, height],
-    }
+    return FigureInfo(
+        file=Path(path).name,
+        panels=[key for (key, _, _), _ in zip(PANELS, figure.axes, strict=False)],
+        band=BAND,
+        dpi=DPI,
+        size_px=[width, height],
+    )
 
 
-def redraw(results_json: str | Path, png: str | Path) -> dict[str, Any]:
+def redraw(results_json: str | Path, png: str | Path) -> FigureInfo:
     """The figure again, from results.json alone: no storage, no retraining."""
-    results = json.loads(Path(results_json).read_text())
-    return save_comparison(results, png)
+    from svdsweep.report.results import Results
+
+    return save_comparison(Results.read(results_json), png)
 
 
-def _runs(results: dict[str, Any], optimizer: str) -> list[dict[str, Any]]:
-    return [run for run in results["runs"] if run["optimizer"] == optimizer]
+def _curve(run: FinalRun, key: str) -> list[float | None]:
+    curve: list[float | None] = getattr(run, key)
+    return curve
 
 
 def _mean_and_band(
-    ax: Any, curves: list[list[float]], scale: float, color: str, label: str
+    ax: Any, curves: list[list[float | None]], scale: float, color: str, label: str
 ) -> None:
     # Diverged runs stop early: average each epoch over the runs that reached it.
     length = max(len(c) for c in curves)
@@ -144,14 +152,13 @@ def _mean_and_band(
         ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
 
 
-def _legend(results: dict[str, Any], optimizer: str) -> str:
-    study = results["studies"][optimizer]
-    label = f"{LABELS[optimizer]} ({format_params(study['best']['params'])})"
-    summary = results.get("summary", {}).get(optimizer, {}).get("test_acc")
-    if summary and summary.get("n"):
-        label += f"\ntest acc {_pct(summary['mean'])}"
-        if summary.get("std") is not None:
-            label += f" ± {_pct(summary['std'])}"
+def _legend(results: Results, optimizer: str) -> str:
+    label = f"{LABELS[optimizer]} ({format_params(results.studies[optimizer].best.params)})"
+    summary = results.summary[optimizer].test_acc if optimizer in results.summary else None
+    if summary and summary.n:
+        label += f"\ntest acc {_pct(summary.mean)}"
+        if summary.std is not None:
+            label += f" ± {_pct(summary.std)}"
     return label
 
 
@@ -161,13 +168,13 @@ def _pct(value: float | None) -> str:
     return f"{100 * value:.1f}%"
 
 
-def _title(results: dict[str, Any]) -> str:
-    protocol = results["protocol"]
-    data = DATASET_NAMES.get(protocol["dataset"], protocol["dataset"])
-    if protocol.get("train_subset"):
-        data += f" ({protocol['train_subset']} training images)"
+def _title(results: Results) -> str:
+    protocol = results.protocol
+    data = DATASET_NAMES.get(protocol.dataset, protocol.dataset)
+    if protocol.train_subset:
+        data += f" ({protocol.train_subset} training images)"
     return (
-        f"Tuned Adam vs SVD(Adam) on {data}, {protocol['model'].upper()}: "
-        f"{len(protocol['seeds'])} seeds × {protocol['epochs']} epochs; "
+        f"Tuned Adam vs SVD(Adam) on {data}, {protocol.model.upper()}: "
+        f"{len(protocol.seeds)} seeds × {protocol.epochs} epochs; "
         f"lines: mean, bands: {BAND}"
     )

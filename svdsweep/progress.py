@@ -1,9 +1,14 @@
-"""Progress display for long work, on stderr so that stdout stays parseable."""
+"""What long work shows while it runs, on stderr so that stdout stays parseable.
+
+One console for every command: :func:`say` for a line, :func:`epoch_progress`
+for one training, :func:`count_progress` for a set of runs. On a terminal a
+bar; in a log (CI, docker) plain lines that stay after the run.
+"""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -11,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from svdsweep.train import ReportCallback
 
-__all__ = ["epoch_progress", "stderr_console"]
+__all__ = ["count_progress", "epoch_progress", "say", "stderr_console"]
 
 stderr_console = Console(stderr=True)
 
@@ -61,3 +66,37 @@ def epoch_progress(label: str, epochs: int, *, quiet: bool = False) -> Iterator[
                 print_line(progress, f"epoch {epoch:>3}/{epochs}  {format_metrics(metrics)}")
 
         yield report
+
+
+def say(message: str, enabled: bool = True) -> None:
+    """One line of progress on stderr, unless ``enabled`` is false (``progress=False``)."""
+    if enabled:
+        print(message, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def count_progress(label: str, total: int, enabled: bool) -> Iterator[Callable[[str], None]]:
+    """A bar over ``total`` finished things on a terminal, and a line for each (kept in logs).
+
+    Yields ``advance(line)``: one more is finished, and ``line`` says how it went.
+    """
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=stderr_console,
+        transient=True,
+        disable=not enabled or not stderr_console.is_terminal,
+    ) as bar:
+        task = bar.add_task(label, total=total)
+
+        def advance(line: str) -> None:
+            bar.advance(task)
+            if enabled:
+                if stderr_console.is_terminal:
+                    bar.console.print(line, highlight=False)
+                else:
+                    say(line)
+
+        yield advance

@@ -1,111 +1,107 @@
-"""Storage URL -> Optuna storage, with heartbeats, retries and an atomic budget lock.
-
-The storage is only ever given as a URL, resolved here in one place:
-``--storage``, else ``$SVDSWEEP_STORAGE``, else an SQLite file in the working
-directory. PostgreSQL (``postgresql+psycopg2://...``) is the deployment path;
-SQLite is the one-laptop default.
-
-Three things Optuna leaves to its user are handled here:
+"""URL -> Optuna storage, with heartbeats that survive a flaky database; Optuna's internals.
 
 * **Heartbeats that survive a flaky database.** Optuna's own heartbeat thread
   exists only inside ``study.optimize``, and one failed write kills it, after
   which the trial is reaped as stale while still running. :class:`Heartbeat`
-  logs the failure and tries again at the next beat.
-* **Transient errors.** A PostgreSQL restart turns every storage call into an
-  ``OperationalError`` for a few seconds. :func:`retrying` repeats a call with
-  exponential backoff; connections are checked before use (``pool_pre_ping``).
-* **Exact budgets.** :func:`budget_lock` is a cross-process lock (a PostgreSQL
-  advisory lock, or a lock file next to an SQLite database) under which a
-  worker counts the trials already claimed and asks for a new one only if the
-  budget has room.
+  logs the failure and tries again at the next beat; :func:`reap_stale_trials`
+  fails the trials of dead workers, which Optuna does only inside ``optimize``.
+* **Optuna's private API, in this module only.** Each private name used is
+  listed in :data:`OPTUNA_INTERNALS`, and ``tests/test_storage.py`` fails with a
+  clear message, one test per name, when an Optuna upgrade drops one. The rest
+  of svdsweep reaches them through :func:`study_id`, :func:`trial_id`,
+  :func:`trial_counts`, :func:`set_user_attrs` and :func:`forget_artifact`.
+
+The URL, retries and the budget lock are :mod:`svdsweep.database`'s. The
+environment (``SVDSWEEP_HEARTBEAT_INTERVAL``, ``SVDSWEEP_GRACE_PERIOD``) is read
+when a storage is opened or a trial reaped, not at import, so a test or a
+command only has to set it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
 import os
 import threading
-import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import optuna
 import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
+from svdsweep.database import StorageError, reason, redact, resolve_storage_url, retrying
+
 __all__ = [
-    "DEFAULT_STORAGE",
+    "OPTUNA_INTERNALS",
     "Heartbeat",
-    "StorageError",
-    "budget_lock",
-    "has_studies_table",
+    "ask",
+    "forget_artifact",
+    "grace_period",
+    "heartbeat_interval",
+    "load_study",
     "open_storage",
     "reap_stale_trials",
-    "redact",
-    "resolve_storage_url",
-    "retrying",
     "set_user_attrs",
+    "study_id",
     "trial_counts",
+    "trial_id",
 ]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
-# Heartbeats and their retry callback are "experimental" in Optuna since 2.8;
-# svdsweep relies on them knowingly, so the warning would only be noise.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-# svdsweep's workers use ask/tell with their own Heartbeat thread, on purpose.
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-
-DEFAULT_STORAGE = "sqlite:///svdsweep.db"
-#: Seconds between heartbeats of a running trial, and after which a trial
-#: without one counts as dead (its worker was killed).
-HEARTBEAT_INTERVAL = int(os.environ.get("SVDSWEEP_HEARTBEAT_INTERVAL", "10"))
-GRACE_PERIOD = int(os.environ.get("SVDSWEEP_GRACE_PERIOD", str(3 * HEARTBEAT_INTERVAL)))
+#: Seconds between heartbeats of a running trial ($SVDSWEEP_HEARTBEAT_INTERVAL):
+#: a write every 10 s per trial is nothing to the database, and a dead worker's
+#: trial is noticed within a grace period of three missed beats
+#: ($SVDSWEEP_GRACE_PERIOD), which survives one slow write.
+HEARTBEAT_INTERVAL = 10
 #: How often a trial whose worker died is retried with the same parameters.
 MAX_RETRY = 3
-#: Total seconds a storage call keeps retrying through connection errors.
-RETRY_SECONDS = float(os.environ.get("SVDSWEEP_RETRY_SECONDS", "120"))
+
+#: Optuna's private names used here, each as (where it is used, how to reach it).
+#: ``tests/test_storage.py`` checks every one against the installed Optuna.
+OPTUNA_INTERNALS: dict[str, str] = {
+    "optuna.storages._rdb.models.TrialModel": "trial_counts: one COUNT ... GROUP BY",
+    "optuna.storages._rdb.models.TrialHeartbeatModel": "reap_stale_trials: never-beaten trials",
+    "optuna.storages._rdb.models.TrialUserAttributeModel": "set_user_attrs: one transaction",
+    "optuna.storages._rdb.models.StudySystemAttributeModel": "forget_artifact: the study's record",
+    "optuna.storages._rdb.storage._create_scoped_session": "set_user_attrs: one transaction",
+    "optuna.storages.RDBStorage._set_trial_attr_without_commit": "set_user_attrs: an upsert",
+    "optuna.storages._CachedStorage._backend": "the RDBStorage under a study's cache",
+    "optuna.Study._storage": "the storage of a loaded study",
+    "optuna.Study._study_id": "study_id: without a query by name",
+    "optuna.Trial._trial_id": "trial_id: heartbeats and attributes of an asked trial",
+    "optuna.trial.FrozenTrial._trial_id": "trial_id: reaping and failing stored trials",
+}
 
 
-class StorageError(RuntimeError):
-    """The storage URL is wrong or the database cannot be reached."""
+def heartbeat_interval() -> int:
+    """Seconds between heartbeats: ``$SVDSWEEP_HEARTBEAT_INTERVAL``, else 10."""
+    return int(os.environ.get("SVDSWEEP_HEARTBEAT_INTERVAL") or HEARTBEAT_INTERVAL)
 
 
-def resolve_storage_url(url: str | None = None) -> str:
-    """``url``, else ``$SVDSWEEP_STORAGE``, else :data:`DEFAULT_STORAGE`; validated."""
-    resolved = url or os.environ.get("SVDSWEEP_STORAGE") or DEFAULT_STORAGE
-    try:
-        parsed = sqlalchemy.engine.make_url(resolved)
-    except sqlalchemy.exc.ArgumentError:
-        raise StorageError(
-            f"invalid storage URL {resolved!r}; expected e.g. sqlite:///svdsweep.db or "
-            "postgresql+psycopg2://user:password@host:5432/db"
-        ) from None
-    backend = parsed.get_backend_name()
-    if backend not in ("sqlite", "postgresql"):
-        raise StorageError(
-            f"unsupported storage {redact(resolved)}: svdsweep needs sqlite:/// or "
-            "postgresql+psycopg2:// (exact trial budgets rely on their locks)"
-        )
-    if backend == "sqlite" and parsed.database in (None, "", ":memory:"):
-        raise StorageError("an in-memory SQLite storage cannot be shared by workers; give a file")
-    return resolved
+def grace_period() -> int:
+    """Seconds without a heartbeat after which a trial is dead: ``$SVDSWEEP_GRACE_PERIOD``."""
+    return int(os.environ.get("SVDSWEEP_GRACE_PERIOD") or 3 * heartbeat_interval())
 
 
-def redact(url: str) -> str:
-    """The URL with its password hidden, for messages and logs."""
-    try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
-        return url
+@contextlib.contextmanager
+def _knowing_heartbeats() -> Iterator[None]:
+    """Silences Optuna's warnings about what svdsweep does on purpose.
+
+    Heartbeats and their retry callback are "experimental" since Optuna 2.8,
+    and the workers use ask/tell with their own :class:`Heartbeat` thread
+    rather than ``study.optimize``. Local, so no process-wide filter is set.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        yield
 
 
 def open_storage(
@@ -130,111 +126,74 @@ def open_storage(
         engine_kwargs.update(pool_size=2, max_overflow=2, pool_recycle=300)
     else:
         engine_kwargs["connect_args"] = {"timeout": 60}
-    heartbeat_kwargs: dict[str, Any] = {}
-    if heartbeat:
-        heartbeat_kwargs = {
-            "heartbeat_interval": HEARTBEAT_INTERVAL,
-            "grace_period": GRACE_PERIOD,
-            "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
-        }
     try:
-        return RDBStorage(resolved, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
+        with _knowing_heartbeats():
+            heartbeat_kwargs: dict[str, Any] = {}
+            if heartbeat:
+                heartbeat_kwargs = {
+                    "heartbeat_interval": heartbeat_interval(),
+                    "grace_period": grace_period(),
+                    "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(
+                        max_retry=MAX_RETRY
+                    ),
+                }
+            return RDBStorage(resolved, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
     except Exception as error:  # noqa: BLE001 - any failure to open is for the user to fix
-        raise StorageError(f"cannot open storage {redact(resolved)}: {_reason(error)}") from None
+        raise StorageError(f"cannot open storage {redact(resolved)}: {reason(error)}") from None
 
 
-def has_studies_table(url: str) -> bool:
-    """Whether the storage at ``url`` already holds Optuna's schema. Creates nothing.
-
-    Lets read-only checks run before a sweep writes anything: opening an
-    :class:`RDBStorage` would create the schema (and an SQLite file).
-    Raises :class:`StorageError` when the database cannot be reached.
-    """
-    parsed = sqlalchemy.engine.make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        if not Path(parsed.database or "").is_file():
-            return False
-        connect_args: dict[str, Any] = {"timeout": 60}
-    else:
-        connect_args = {"connect_timeout": 5}
-    engine = sqlalchemy.create_engine(
-        url, poolclass=sqlalchemy.pool.NullPool, connect_args=connect_args
+def load_study(storage: Any, name: str, **options: Any) -> optuna.Study:
+    """``optuna.load_study`` through :func:`retrying`; ``KeyError`` if there is no such study."""
+    return retrying(
+        functools.partial(optuna.load_study, study_name=name, storage=storage, **options)
     )
-    try:
-        with engine.connect() as connection:
-            return sqlalchemy.inspect(connection).has_table("studies")
-    except Exception as error:  # noqa: BLE001 - any failure to connect is for the user to fix
-        raise StorageError(f"cannot open storage {redact(url)}: {_reason(error)}") from None
-    finally:
-        engine.dispose()
 
 
-def retrying(call: Callable[[], T], *, seconds: float = RETRY_SECONDS) -> T:
-    """``call()``, repeated with exponential backoff while the database is unreachable.
+def ask(study: optuna.Study) -> optuna.Trial:
+    """``study.ask()``, for a worker that keeps its trial alive with :class:`Heartbeat`."""
+    with _knowing_heartbeats():
+        return study.ask()
 
-    Only connection-level errors are retried; anything else (a constraint, a
-    bug) is raised at once. Gives up after ``seconds`` and raises the last error.
+
+def study_id(study: optuna.Study) -> int:
+    """The study's id in its storage (what optuna-dashboard's URLs use)."""
+    return int(study._study_id)
+
+
+def trial_id(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
+    """The trial's id in its storage, which storage calls take (its number is per study)."""
+    return int(trial._trial_id)
+
+
+def _rdb(study: optuna.Study) -> RDBStorage:
+    """The :class:`RDBStorage` of a study, under the cache Optuna may wrap it in."""
+    storage: Any = study._storage
+    backend: RDBStorage = getattr(storage, "_backend", storage)
+    return backend
+
+
+def forget_artifact(study: optuna.Study, artifact_id: str) -> None:
+    """Removes the study's record of an artifact, which Optuna has no public call for.
+
+    ``optuna.artifacts.upload_artifact`` records each artifact as the study
+    system attribute ``artifacts:<id>``; ``get_all_artifact_meta`` lists them.
+    The file itself is the artifact store's to remove (``store.remove``).
     """
-    deadline = time.monotonic() + seconds
-    delay = 0.25
-    while True:
-        try:
-            return call()
-        except Exception as error:
-            if not _is_transient(error) or time.monotonic() + delay > deadline:
-                raise
-            log.warning("storage unavailable (%s); retrying in %.1fs", _reason(error), delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    from optuna.storages._rdb import models
 
+    attribute = models.StudySystemAttributeModel
 
-@contextlib.contextmanager
-def budget_lock(url: str, name: str) -> Iterator[None]:
-    """A lock shared by every process using this storage, for claiming trial slots.
+    def delete() -> None:
+        with contextlib.closing(_rdb(study).scoped_session()) as session:
+            session.execute(
+                sqlalchemy.delete(attribute).where(
+                    attribute.study_id == study_id(study),
+                    attribute.key == f"artifacts:{artifact_id}",
+                )
+            )
+            session.commit()
 
-    PostgreSQL: a session-level advisory lock on a dedicated connection, freed
-    by the server if the holder dies. SQLite: an exclusive lock on a file next
-    to the database (SQLite storages are single-machine by nature).
-    """
-    parsed = sqlalchemy.engine.make_url(url)
-    if parsed.get_backend_name() == "postgresql":
-        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-        engine = _lock_engine(url)
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            try:
-                yield
-            finally:
-                try:
-                    connection.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                    connection.commit()
-                except Exception:  # noqa: BLE001 - closing the session frees its locks
-                    connection.invalidate()
-    else:
-        from filelock import FileLock
-
-        database = Path(parsed.database or "svdsweep.db")
-        with FileLock(str(database.with_name(database.name + f".{_slug(name)}.lock"))):
-            yield
-
-
-_lock_engines: dict[str, sqlalchemy.engine.Engine] = {}
-
-
-def _lock_engine(url: str) -> sqlalchemy.engine.Engine:
-    if url not in _lock_engines:
-        # One pooled connection: PostgreSQL forks a backend per new connection,
-        # which cost more than the claim itself. Its advisory lock is released
-        # before the connection goes back to the pool, and by the server if the
-        # process dies.
-        _lock_engines[url] = sqlalchemy.create_engine(
-            url,
-            pool_size=1,
-            max_overflow=4,  # threads of one process claiming at once (tests)
-            pool_pre_ping=True,
-            connect_args={"connect_timeout": 5},
-        )
-    return _lock_engines[url]
+    retrying(delete)
 
 
 class Heartbeat:
@@ -271,7 +230,7 @@ class Heartbeat:
                 self._storage.record_heartbeat(self._trial_id)
             except Exception as error:  # noqa: BLE001 - keep beating through any failure
                 self.failures += 1
-                log.warning("heartbeat of trial %d failed: %s", self._trial_id, _reason(error))
+                log.warning("heartbeat of trial %d failed: %s", self._trial_id, reason(error))
 
 
 def reap_stale_trials(study: optuna.Study) -> int:
@@ -285,29 +244,30 @@ def reap_stale_trials(study: optuna.Study) -> int:
     """
     storage = study._storage
     before = _count(study, TrialState.FAIL)
-    retrying(lambda: optuna.storages.fail_stale_trials(study))
-    grace = timedelta(seconds=GRACE_PERIOD)
+    with _knowing_heartbeats():
+        retrying(lambda: optuna.storages.fail_stale_trials(study))
+    grace = timedelta(seconds=grace_period())
     now = datetime.now()
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    running = retrying(lambda: study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    for trial in running:
         started = trial.datetime_start
         if started is None or now - started <= grace:
             continue
-        if _has_heartbeat(study, trial._trial_id):
+        if retrying(lambda: _has_heartbeat(study, trial_id(trial))):  # noqa: B023 - called now
             continue
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            if storage.set_trial_state_values(trial_id(trial), state=TrialState.FAIL):
                 callback = storage.get_heartbeat_stale_trial_callback()  # type: ignore[attr-defined]
                 if callback is not None:
-                    callback(study, storage.get_trial(trial._trial_id))
+                    with _knowing_heartbeats():
+                        callback(study, storage.get_trial(trial_id(trial)))
     return _count(study, TrialState.FAIL) - before
 
 
 def _has_heartbeat(study: optuna.Study, trial_id: int) -> bool:
     from optuna.storages._rdb import models
 
-    storage = study._storage
-    backend: Any = getattr(storage, "_backend", storage)
-    with contextlib.closing(backend.scoped_session()) as session:
+    with contextlib.closing(_rdb(study).scoped_session()) as session:
         return models.TrialHeartbeatModel.where_trial_id(trial_id, session) is not None
 
 
@@ -346,8 +306,8 @@ def trial_counts(studies: list[optuna.Study]) -> list[dict[TrialState, int]]:
     """
     from optuna.storages._rdb import models
 
-    ids = [study._study_id for study in studies]
-    backend: Any = getattr(studies[0]._storage, "_backend", studies[0]._storage)
+    ids = [study_id(study) for study in studies]
+    backend = _rdb(studies[0])
     trial = models.TrialModel
     query = (
         sqlalchemy.select(trial.study_id, trial.state, sqlalchemy.func.count())
@@ -363,38 +323,3 @@ def trial_counts(studies: list[optuna.Study]) -> list[dict[TrialState, int]]:
 
 def _count(study: optuna.Study, state: TrialState) -> int:
     return trial_counts([study])[0][state]
-
-
-def _is_transient(error: BaseException) -> bool:
-    transient = (
-        sqlalchemy.exc.OperationalError,
-        sqlalchemy.exc.InterfaceError,
-        sqlalchemy.exc.DisconnectionError,
-        sqlalchemy.exc.TimeoutError,
-    )
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if isinstance(current, transient):
-            return True
-        if (
-            isinstance(current, optuna.exceptions.StorageInternalError)
-            and "connection" in str(current).lower()
-        ):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
-
-
-def _reason(error: BaseException) -> str:
-    """The first line of the innermost error, e.g. 'connection refused'."""
-    current = error
-    while current.__cause__ is not None:
-        current = current.__cause__
-    text = str(getattr(current, "orig", None) or current).strip().splitlines()
-    return text[0] if text else type(current).__name__
-
-
-def _slug(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)

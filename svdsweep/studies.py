@@ -16,15 +16,10 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from svdsweep.database import has_studies_table, redact, resolve_storage_url, retrying
+from svdsweep.errors import ConfigError
 from svdsweep.space import SETTINGS_ATTR, StudySettings
-from svdsweep.storage import (
-    has_studies_table,
-    open_storage,
-    redact,
-    resolve_storage_url,
-    retrying,
-    trial_counts,
-)
+from svdsweep.storage import load_study, open_storage, trial_counts
 from svdsweep.train import OPTIMIZERS
 
 __all__ = [
@@ -42,7 +37,7 @@ DEFAULT_EXPERIMENT = "fashion-mnist-mlp"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-class ExperimentError(ValueError):
+class ExperimentError(ConfigError):
     """A study is missing, or exists with other settings than requested."""
 
 
@@ -102,7 +97,7 @@ def check_resumable(
                 f"study {name!r} already exists and does not minimise the validation loss; "
                 "use another --experiment name"
             )
-        study = optuna.load_study(study_name=name, storage=storage)
+        study = load_study(storage, name)
         (counts,) = retrying(partial(trial_counts, [study]))
         stored = summary.user_attrs.get(SETTINGS_ATTR)
         if stored is None and any(counts.values()):
@@ -127,7 +122,7 @@ def load_settings(storage: Any, experiment: str, optimizer: str) -> StudySetting
     """The stored settings of one study; :class:`ExperimentError` if it is missing."""
     name = study_name(experiment, optimizer)
     try:
-        study = retrying(lambda: optuna.load_study(study_name=name, storage=storage))
+        study = load_study(storage, name)
     except KeyError:
         raise ExperimentError(
             f"no study {name!r} in this storage; run `svdsweep sweep --experiment {experiment}` "
@@ -195,7 +190,7 @@ def experiment_status(
 def _study_status(storage: Any, experiment: str, optimizer: str) -> StudyStatus:
     settings = load_settings(storage, experiment, optimizer)
     name = study_name(experiment, optimizer)
-    study = optuna.load_study(study_name=name, storage=storage)
+    study = load_study(storage, name)
     (counts,) = retrying(lambda: trial_counts([study]))
     best = None
     if counts[TrialState.COMPLETE]:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,8 +23,12 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from svdsweep.cluster import ClusterError, ray_session
+from svdsweep.database import redact, resolve_storage_url, retrying
+from svdsweep.errors import ConfigError, UserError
+from svdsweep.progress import say
 from svdsweep.space import SearchSpace, StudySettings
-from svdsweep.storage import reap_stale_trials, redact, resolve_storage_url, retrying
+from svdsweep.storage import load_study, open_storage, reap_stale_trials, trial_id
 from svdsweep.studies import (
     DEFAULT_EXPERIMENT,
     StudyStatus,
@@ -38,67 +40,67 @@ from svdsweep.studies import (
 from svdsweep.train import OPTIMIZERS
 from svdsweep.worker import Objective, run_worker
 
-__all__ = ["SweepError", "SweepSpec", "local_ray", "run_sweep", "study_settings"]
+__all__ = ["SweepError", "SweepSpec", "run_sweep", "status_table"]
 
 log = logging.getLogger(__name__)
 
-#: Loopback address of a Ray that svdsweep starts itself. Not 127.0.0.1: Ray
-#: rewrites that to the machine's external address.
-DEFAULT_RAY_NODE_IP = "127.0.0.2"
 
-
-class SweepError(RuntimeError):
-    """A worker failed for good, or Ray could not be reached."""
+class SweepError(UserError, RuntimeError):
+    """A worker failed for good, or the cluster lacks what the sweep asks of it."""
 
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """Everything ``svdsweep sweep`` is given. Sizes default to the original protocol."""
+    """Everything ``svdsweep sweep`` is given; the CLI's defaults are these.
+
+    Settings flow one way: this spec derives both studies' :class:`StudySettings`
+    (:meth:`study_settings`), which derive each trial's ``TrainConfig``. A
+    training default is written once, in ``TrainConfig``, and read from there.
+    """
 
     storage: str | None = None  # URL; None: $SVDSWEEP_STORAGE, else sqlite:///svdsweep.db
     experiment: str = DEFAULT_EXPERIMENT
-    trials: int = 30  # finished trials per study
+    trials: int = StudySettings.budget  # finished trials per study
     workers: int | None = None  # None: one per GPU, else one per cpus_per_worker CPUs
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0  # a trial trains on one thread (torch on 1 CPU)
     ray_address: str | None = None  # None: $RAY_ADDRESS, else start a local Ray
     ray_node_ip: str | None = None  # None: $SVDSWEEP_RAY_NODE_IP, else 127.0.0.2
-    trial_epochs: int = 5
-    dataset: str = "fashion-mnist"
-    model: str = "mlp"
-    method: str = "default"
-    train_subset: int | None = None
-    seed: int = 0
-    pruner: str = "none"
+    trial_epochs: int = StudySettings.epochs
+    dataset: str = StudySettings.dataset
+    model: str = StudySettings.model
+    method: str = StudySettings.method  # low-rank method of svd-adam
+    train_subset: int | None = StudySettings.train_subset
+    seed: int = StudySettings.seed  # training seed of every trial; seeds the samplers
+    pruner: str = StudySettings.pruner
     space: SearchSpace = field(default_factory=SearchSpace)
 
     def __post_init__(self) -> None:
         if self.workers is not None and (isinstance(self.workers, bool) or self.workers < 1):
-            raise ValueError(f"--workers must be at least 1, got {self.workers}")
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
         if self.gpus_per_worker is not None and not 0 <= self.gpus_per_worker < float("inf"):
-            raise ValueError(f"--gpus-per-worker must be 0 or more, got {self.gpus_per_worker:g}")
+            raise ConfigError(f"--gpus-per-worker must be 0 or more, got {self.gpus_per_worker:g}")
         if not 0 < self.cpus_per_worker < float("inf"):
-            raise ValueError(f"--cpus-per-worker must be positive, got {self.cpus_per_worker:g}")
-        study_settings(self)  # validates --trials, --trial-epochs, dataset, model, method, ...
+            raise ConfigError(f"--cpus-per-worker must be positive, got {self.cpus_per_worker:g}")
+        self.study_settings()  # validates --trials, --trial-epochs, dataset, model, method, ...
 
-
-def study_settings(spec: SweepSpec) -> list[StudySettings]:
-    """The settings of both studies: identical but for the optimizer, for a fair comparison."""
-    return [
-        StudySettings(
-            optimizer=optimizer,
-            space=spec.space,
-            budget=spec.trials,
-            epochs=spec.trial_epochs,
-            dataset=spec.dataset,
-            model=spec.model,
-            method=spec.method,
-            train_subset=spec.train_subset,
-            seed=spec.seed,
-            pruner=spec.pruner,
-        )
-        for optimizer in OPTIMIZERS
-    ]
+    def study_settings(self) -> list[StudySettings]:
+        """Both studies' settings: identical but for the optimizer, for a fair comparison."""
+        return [
+            StudySettings(
+                optimizer=optimizer,
+                space=self.space,
+                budget=self.trials,
+                epochs=self.trial_epochs,
+                dataset=self.dataset,
+                model=self.model,
+                method=self.method,
+                train_subset=self.train_subset,
+                seed=self.seed,
+                pruner=self.pruner,
+            )
+            for optimizer in OPTIMIZERS
+        ]
 
 
 def run_sweep(
@@ -107,10 +109,10 @@ def run_sweep(
     """Runs the sweep to completion and returns the final status of both studies."""
     url = resolve_storage_url(spec.storage)
     # Read-only checks first: a refused sweep writes nothing and starts no Ray.
-    finished = check_resumable(url, spec.experiment, study_settings(spec))
+    finished = check_resumable(url, spec.experiment, spec.study_settings())
     names = [study_name(spec.experiment, optimizer) for optimizer in OPTIMIZERS]
     if all(finished.get(name, 0) >= spec.trials for name in names):
-        create_or_resume(url, spec.experiment, study_settings(spec))  # records the budget
+        create_or_resume(url, spec.experiment, spec.study_settings())  # records the budget
         say(f"storage {redact(url)}; studies: {', '.join(names)}", progress)
         say("both studies already have their budget: nothing to run", progress)
         return experiment_status(url, spec.experiment)
@@ -121,17 +123,17 @@ def run_sweep(
         if gpus is None:
             gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
         if gpus > resources.get("GPU", 0):
-            raise SweepError(
+            raise ClusterError(
                 f"--gpus-per-worker {gpus:g} asks for more GPUs than the Ray cluster has "
                 f"({resources.get('GPU', 0):g}); use --gpus-per-worker 0 to train on CPUs"
             )
         if spec.cpus_per_worker > resources.get("CPU", 0):
-            raise SweepError(
+            raise ClusterError(
                 f"--cpus-per-worker {spec.cpus_per_worker:g} asks for more CPUs than the Ray "
                 f"cluster has ({resources.get('CPU', 0):g})"
             )
         workers = spec.workers or _default_workers(resources, gpus, spec)
-        create_or_resume(url, spec.experiment, study_settings(spec))
+        create_or_resume(url, spec.experiment, spec.study_settings())
         say(f"storage {redact(url)}; studies: {', '.join(names)}", progress)
         sweep_id = uuid.uuid4().hex[:12]
         say(
@@ -168,60 +170,29 @@ def run_sweep(
     return experiment_status(url, spec.experiment)
 
 
-@contextlib.contextmanager
-def ray_session(address: str | None, node_ip: str | None = None) -> Iterator[Any]:
-    """Connects to ``address`` (or ``$RAY_ADDRESS``), or starts a loopback-only local Ray.
-
-    Token auth is on in every case (``RAY_AUTH_MODE=token``), as in Ray 2.60.
-    Shuts down what it started; leaves an existing cluster running.
-    """
-    import ray
-
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    node_ip = node_ip or os.environ.get("SVDSWEEP_RAY_NODE_IP") or DEFAULT_RAY_NODE_IP
-    already = ray.is_initialized()
-    if not already:
-        kwargs: dict[str, Any] = {
-            "_node_ip_address": node_ip,
-            "log_to_driver": os.environ.get("SVDSWEEP_RAY_LOGS", "1") == "1",
-            "configure_logging": False,
-        }
-        try:
-            if address and address != "local":
-                ray.init(address=address, **kwargs)
-            else:
-                ray.init(address="local", include_dashboard=False, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as error:
-            raise SweepError(
-                f"cannot start or reach Ray at {address or 'local'}: {error}"
-            ) from None
-    try:
-        yield ray
-    finally:
-        if not already:
-            ray.shutdown()
-
-
-@contextlib.contextmanager
-def local_ray(node_ip: str | None = None) -> Iterator[Any]:
-    """A local Ray for callers that only need tasks (the reporter)."""
-    with ray_session("local", node_ip) as ray:
-        yield ray
-
-
 def fail_running_trials(storage_url: str, experiment: str, sweep_id: str) -> int:
-    """Marks this sweep's RUNNING trials FAIL, so that a rerun resumes cleanly."""
-    storage = optuna.storages.RDBStorage(storage_url)
+    """Marks this sweep's RUNNING trials FAIL, so that a rerun resumes cleanly.
+
+    Runs on Ctrl-C, when the database may be as unreliable as at any other
+    time, so every call retries like the rest of the sweep's.
+    """
+    storage = open_storage(storage_url, heartbeat=False)
     failed = 0
     for optimizer in OPTIMIZERS:
-        study = optuna.load_study(study_name=study_name(experiment, optimizer), storage=storage)
-        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study = load_study(storage, study_name(experiment, optimizer))
+        running = retrying(partial(study.get_trials, deepcopy=False, states=(TrialState.RUNNING,)))
+        for trial in running:
             if trial.user_attrs.get("sweep_id") != sweep_id:
                 continue  # another sweep's (or a hand-started worker's) trial
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                storage.set_trial_user_attr(trial._trial_id, "error", "sweep interrupted")
-                if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                retrying(
+                    partial(
+                        storage.set_trial_user_attr, trial_id(trial), "error", "sweep interrupted"
+                    )
+                )
+                if retrying(
+                    partial(storage.set_trial_state_values, trial_id(trial), TrialState.FAIL)
+                ):
                     failed += 1
     return failed
 
@@ -234,13 +205,8 @@ def _default_workers(resources: dict[str, float], gpus: float, spec: SweepSpec) 
 
 def _watch(ray: Any, refs: list[Any], url: str, experiment: str, progress: bool) -> None:
     """Shows live progress and reaps dead workers' trials until every worker returns."""
-    from svdsweep.storage import open_storage
-
     storage = open_storage(url)
-    studies = [
-        optuna.load_study(study_name=study_name(experiment, optimizer), storage=storage)
-        for optimizer in OPTIMIZERS
-    ]
+    studies = [load_study(storage, study_name(experiment, optimizer)) for optimizer in OPTIMIZERS]
     pending = list(refs)
     with _live_status(progress) as show:
         while pending:
@@ -294,7 +260,7 @@ def _live_status(enabled: bool) -> Iterator[Any]:
     def show(status: list[StudyStatus]) -> None:
         line = "  |  ".join(status_line(study) for study in status)
         if [line] != last:
-            print(line, file=sys.stderr, flush=True)
+            say(line)
             last[:] = [line]
 
     yield show
@@ -333,8 +299,3 @@ def _format_params(params: dict[str, Any]) -> str:
         f"{name}={value:.4g}" if isinstance(value, float) else f"{name}={value}"
         for name, value in params.items()
     )
-
-
-def say(message: str, enabled: bool) -> None:
-    if enabled:
-        print(message, file=sys.stderr, flush=True)

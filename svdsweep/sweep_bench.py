@@ -35,9 +35,13 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from svdsweep.storage import open_storage, redact, resolve_storage_url
+from svdsweep.cluster import ray_session
+from svdsweep.database import redact, resolve_storage_url
+from svdsweep.errors import ConfigError
+from svdsweep.progress import say
+from svdsweep.storage import load_study, open_storage
 from svdsweep.studies import study_name
-from svdsweep.sweep import SweepSpec, ray_session, run_sweep, say
+from svdsweep.sweep import SweepSpec, run_sweep
 from svdsweep.train import OPTIMIZERS, ReportCallback, TrainConfig, TrainResult
 
 __all__ = ["noop_objective", "print_sweep_report", "run_sweep_benchmark"]
@@ -81,7 +85,7 @@ def run_sweep_benchmark(
         ("--repeats", repeats),
     ):
         if value < 1:
-            raise ValueError(f"{flag} must be at least 1, got {value}")
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
     url = resolve_storage_url(storage)
     open_storage(url, heartbeat=False)  # an unreachable database fails here, before Ray starts
     experiment = f"bench-{uuid.uuid4().hex[:8]}"
@@ -191,7 +195,7 @@ def _stock_optuna(ray: Any, url: str, experiment: str, workers: int, trials: int
 def _throughput(url: str, names: list[str]) -> dict[str, Any]:
     finished = []
     for name in names:
-        study = optuna.load_study(study_name=name, storage=url)
+        study = load_study(url, name)
         finished.append(study.get_trials(deepcopy=False, states=FINISHED))
     every = [trial for trials in finished for trial in trials]
     span = _seconds(max(_end(t) for t in every) - min(_start(t) for t in every))
@@ -208,9 +212,7 @@ def _overhead(url: str, names: list[str]) -> dict[str, Any]:
         (
             trial
             for name in names
-            for trial in optuna.load_study(study_name=name, storage=url).get_trials(
-                deepcopy=False, states=FINISHED
-            )
+            for trial in load_study(url, name).get_trials(deepcopy=False, states=FINISHED)
         ),
         key=_start,
     )

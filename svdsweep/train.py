@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from svdsweep.data import DATASETS, Splits, load_splits
+from svdsweep.errors import ConfigError, UserError
 from svdsweep.models import MODELS, build_model
 from svdsweep.optim import METHODS, NonFiniteGradientError, SVDGradient
 
@@ -42,7 +43,7 @@ DIVERGENCE_CHECK_STEPS = 50
 ReportCallback = Callable[[int, dict[str, float]], None]
 
 
-class TrainingDiverged(ArithmeticError):
+class TrainingDiverged(UserError, ArithmeticError):
     """The loss or a gradient became NaN/inf: the learning rate is too high for this run."""
 
 
@@ -66,26 +67,26 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+            raise ConfigError(f"lr must be a positive finite number, got {self.lr!r}")
         if self.optimizer == "svd-adam":
             if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-                raise ValueError(f"svd-adam needs k, a positive int, got {self.k!r}")
+                raise ConfigError(f"svd-adam needs k, a positive int, got {self.k!r}")
             if self.method not in ("default", *METHODS):
-                raise ValueError(
+                raise ConfigError(
                     f"unknown method {self.method!r}; choose one of {('default', *METHODS)}"
                 )
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
         if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {sorted(DATASETS)}, got {self.dataset!r}")
+            raise ConfigError(f"dataset must be one of {sorted(DATASETS)}, got {self.dataset!r}")
         if self.model not in MODELS:
-            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+            raise ConfigError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.train_subset is not None and self.train_subset < 1:
-            raise ValueError(f"train_subset must be positive, got {self.train_subset!r}")
+            raise ConfigError(f"train_subset must be positive, got {self.train_subset!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,7 +123,7 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA GPU is available")
+        raise ConfigError("device 'cuda' requested but no CUDA GPU is available")
     return resolved
 
 

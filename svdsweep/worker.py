@@ -29,15 +29,19 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from svdsweep import cluster
+from svdsweep.database import budget_lock, retrying
+from svdsweep.errors import UserError
 from svdsweep.space import StudySettings, suggest
 from svdsweep.storage import (
     Heartbeat,
-    budget_lock,
+    ask,
+    load_study,
     open_storage,
     reap_stale_trials,
-    retrying,
     set_user_attrs,
     trial_counts,
+    trial_id,
 )
 from svdsweep.studies import load_settings, study_name
 from svdsweep.train import OPTIMIZERS, ReportCallback, TrainConfig, TrainingDiverged, TrainResult
@@ -50,10 +54,11 @@ log = logging.getLogger(__name__)
 #: stand-in in orchestration tests.
 Objective = Callable[[TrainConfig, ReportCallback], TrainResult]
 
-CLAIMED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+CLAIMED = (*FINISHED, TrialState.RUNNING)
 
 
-class WorkerError(RuntimeError):
+class WorkerError(UserError, RuntimeError):
     """The worker stopped because its trials keep failing (a bug, not bad luck)."""
 
 
@@ -115,23 +120,21 @@ def run_worker(
             if settings.pruner == "median"
             else optuna.pruners.NopPruner()
         )
-        study = retrying(
-            partial(
-                optuna.load_study,
-                study_name=study_name(experiment, optimizer),
-                storage=storage,
-                sampler=sampler,
-                pruner=pruner,
-            )
+        study = load_study(
+            storage, study_name(experiment, optimizer), sampler=sampler, pruner=pruner
         )
         studies[optimizer] = (study, settings)
 
-    summary = WorkerSummary(worker_id, socket.gethostname(), _node_ip(), _gpu_ids())
+    summary = WorkerSummary(worker_id, socket.gethostname(), cluster.node_ip(), cluster.gpu_ids())
     failures = 0
     while max_trials is None or len(summary.trials) < max_trials:
         claim = retrying(lambda: _claim(url, experiment, studies))
         if claim is None:
-            if all(_finished(study) >= settings.budget for study, settings in studies.values()):
+            counts = retrying(lambda: trial_counts([study for study, _ in studies.values()]))
+            if all(
+                sum(count[state] for state in FINISHED) >= settings.budget
+                for (_, settings), count in zip(studies.values(), counts, strict=True)
+            ):
                 break
             # Every slot is taken, but a RUNNING trial may belong to a dead
             # worker: reap it (Optuna would only do so inside optimize()), so
@@ -166,7 +169,7 @@ def _claim(
         if not room:
             return None
         _, _, study, settings = min(room, key=lambda entry: entry[:2])
-        return study, settings, study.ask()
+        return study, settings, ask(study)
 
 
 def _run_trial(
@@ -181,7 +184,7 @@ def _run_trial(
     from svdsweep import __version__
 
     started = time.time()
-    with Heartbeat(storage, trial._trial_id):
+    with Heartbeat(storage, trial_id(trial)):
         # Who runs the trial is written first, so that a RUNNING trial can be
         # traced to its worker (and Ctrl-C fails only this sweep's trials).
         identity: dict[str, Any] = {
@@ -205,7 +208,7 @@ def _run_trial(
 
         value: float | None = None
         try:
-            set_user_attrs(storage, trial._trial_id, identity)
+            set_user_attrs(storage, trial_id(trial), identity)
             config = retrying(partial(suggest, trial, settings))
             result = objective(config, report)
             attrs.update(
@@ -245,7 +248,7 @@ def _finish(
     """Writes the trial's attributes and tells its result; returns its final state."""
     attrs["duration_s"] = round(time.time() - started, 3)
     try:
-        set_user_attrs(storage, trial._trial_id, attrs)
+        set_user_attrs(storage, trial_id(trial), attrs)
     except optuna.exceptions.UpdateFinishedTrialError:
         # Reaped as stale while it ran (heartbeats lost longer than the grace
         # period): its slot was already freed and its parameters re-queued.
@@ -272,34 +275,5 @@ def _curves(result: TrainResult) -> dict[str, Any]:
     return curves
 
 
-def _finished(study: optuna.Study) -> int:
-    states = (TrialState.COMPLETE, TrialState.PRUNED)
-    return len(retrying(lambda: study.get_trials(deepcopy=False, states=states)))
-
-
 def _sampler_seed(seed: int, worker_id: int, optimizer: str) -> int:
     return (seed * 1_000_003 + worker_id * 7_919 + zlib.crc32(optimizer.encode())) % 2**31
-
-
-def _gpu_ids() -> list[str]:
-    """The GPUs Ray assigned to this worker, else those visible to the process."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return [str(gpu) for gpu in ray.get_gpu_ids()]
-    except ImportError:  # pragma: no cover - ray is a dependency
-        pass
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    return [gpu for gpu in visible.split(",") if gpu]
-
-
-def _node_ip() -> str | None:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return str(ray.util.get_node_ip_address())
-    except ImportError:  # pragma: no cover
-        pass
-    return None

@@ -1,0 +1,178 @@
+"""The statistics behind the verdict: pure functions of numbers, no storage, no Ray.
+
+* :func:`spread`: mean, sample standard deviation and count of the finite values;
+* :func:`welch_test`: Welch's t-test of SVD(Adam) against Adam, and Cohen's d;
+* :func:`conclude`: the outcome and the one-sentence verdict read off the test;
+* :func:`mean_curve` and :func:`max_overlap`: what the caveats and the
+  provenance say about curves and parallelism.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+__all__ = [
+    "ALPHA",
+    "Spread",
+    "WelchTest",
+    "conclude",
+    "max_overlap",
+    "mean_curve",
+    "spread",
+    "welch_test",
+]
+
+#: Significance level of the verdict: the usual 5 %, fixed before any result is seen.
+ALPHA = 0.05
+
+
+@dataclass
+class Spread:
+    """Mean ± sample standard deviation (ddof = 1) of the finite values; None where undefined."""
+
+    mean: float | None
+    std: float | None
+    n: int
+    values: list[float] = field(default_factory=list)
+
+
+@dataclass
+class WelchTest:
+    """Welch's t-test of SVD(Adam) against Adam; None where undefined (too few or equal values)."""
+
+    n_adam: int
+    n_svd_adam: int
+    mean_adam: float | None = None
+    mean_svd_adam: float | None = None
+    statistic: float | None = None
+    df: float | None = None
+    p_value: float | None = None
+    cohens_d: float | None = None
+
+
+def spread(values: Sequence[float | None]) -> Spread:
+    """The finite values of ``values`` (a diverged run has none) and their spread."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+    return Spread(
+        mean=statistics.fmean(finite) if finite else None,
+        std=statistics.stdev(finite) if len(finite) > 1 else None,
+        n=len(finite),
+        values=finite,
+    )
+
+
+def welch_test(adam: list[float], svd: list[float]) -> WelchTest:
+    """Welch's t-test of SVD(Adam) against Adam (two-sided), and Cohen's d.
+
+    ``d = (mean_adam - mean_svd) / sqrt((var_adam + var_svd) / 2)``: positive
+    when SVD(Adam) has the lower (better) loss.
+    """
+    result = WelchTest(
+        n_adam=len(adam),
+        n_svd_adam=len(svd),
+        mean_adam=statistics.fmean(adam) if adam else None,
+        mean_svd_adam=statistics.fmean(svd) if svd else None,
+    )
+    if min(len(adam), len(svd)) < 2:
+        return result
+    from scipy import stats
+
+    with warnings.catch_warnings():  # identical values: p is nan, reported as such below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        test = stats.ttest_ind(svd, adam, equal_var=False)
+    result.statistic = _finite_or_none(float(test.statistic))
+    result.p_value = _finite_or_none(float(test.pvalue))
+    result.df = _finite_or_none(float(getattr(test, "df", math.nan)))
+    pooled = math.sqrt((statistics.variance(adam) + statistics.variance(svd)) / 2)
+    if pooled > 0:
+        result.cohens_d = (statistics.fmean(adam) - statistics.fmean(svd)) / pooled
+    return result
+
+
+def conclude(test: WelchTest, metric: str, seeds: int) -> tuple[str, str]:
+    """(outcome, one-sentence verdict) for the hypothesis "SVD(Adam) trains better".
+
+    The outcome is "supported", "not supported" or "inconclusive".
+    """
+    what = metric.replace("_", " ")
+    a, s = test.mean_adam, test.mean_svd_adam
+    means = (
+        f"mean final {what}: SVD(Adam) {number(s)}, tuned Adam {number(a)} nats"
+        if a is not None and s is not None
+        else f"no final {what} to compare"
+    )
+    usable = min(test.n_adam, test.n_svd_adam)
+    if usable < 2:
+        return "inconclusive", (
+            f"Inconclusive: too few seeds for a test ({usable} "
+            f"usable run(s) per optimizer of {seeds}; Welch's t-test needs at least 2); {means}."
+        )
+    p = test.p_value
+    stats_text = (
+        f"Welch's t = {number(test.statistic, 3)}, p = {p_value(p)}, "
+        f"Cohen's d = {number(test.cohens_d, 2)}"
+    )
+    if p is None:
+        return "inconclusive", (
+            f"Inconclusive: the final {what} does not vary across seeds, so Welch's t-test is "
+            f"undefined (p = nan); {means}."
+        )
+    if p >= ALPHA:
+        return "inconclusive", (
+            f"Inconclusive: the difference in final {what} between SVD(Adam) and tuned Adam is "
+            f"not significant at the {ALPHA:.0%} level ({stats_text}; {means}), so the "
+            "hypothesis is not supported by this evidence."
+        )
+    assert a is not None and s is not None  # p is defined, so both means are
+    if s < a:
+        return "supported", (
+            f"Supported: SVD(Adam) reaches a lower final {what} than tuned Adam "
+            f"({stats_text}; {means})."
+        )
+    return "not supported", (
+        f"Not supported: tuned Adam reaches a lower final {what} than SVD(Adam) "
+        f"({stats_text}; {means})."
+    )
+
+
+def mean_curve(curves: list[list[float | None]]) -> list[float]:
+    """The per-epoch mean over the runs that reached that epoch with a finite value."""
+    length = max((len(c) for c in curves), default=0)
+    mean = []
+    for epoch in range(length):
+        values = [c[epoch] for c in curves if epoch < len(c)]
+        finite = [float(v) for v in values if v is not None and math.isfinite(v)]
+        if not finite:
+            break
+        mean.append(statistics.fmean(finite))
+    return mean
+
+
+def max_overlap(intervals: list[tuple[float, float]]) -> int:
+    """The largest number of intervals open at the same instant (parallelism achieved)."""
+    events = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals])
+    running = most = 0
+    for _, step in events:
+        running += step
+        most = max(most, running)
+    return most
+
+
+def number(value: float | None, digits: int = 4) -> str:
+    """A figure as the report writes it; ``n/a`` where undefined."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def p_value(value: float | None) -> str:
+    """A p-value as the report writes it: 3 significant digits, scientific below 0.001."""
+    if value is None:
+        return "nan"
+    return f"{value:.3g}" if value >= 1e-3 else f"{value:.2e}"
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
