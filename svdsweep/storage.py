@@ -314,11 +314,11 @@ def trial_counts(studies: list[optuna.Study]) -> list[dict[TrialState, int]]:
         .where(trial.study_id.in_(ids))
         .group_by(trial.study_id, trial.state)
     )
-    counts: dict[int, dict[TrialState, int]] = {study_id: {} for study_id in ids}
+    counts: dict[int, dict[TrialState, int]] = {id_: {} for id_ in ids}
     with backend.engine.connect() as connection:
-        for study_id, state, count in connection.execute(query):
-            counts[study_id][TrialState(state) if isinstance(state, int) else state] = int(count)
-    return [{state: counts[study_id].get(state, 0) for state in TrialState} for study_id in ids]
+        for id_, state, count in connection.execute(query):
+            counts[id_][TrialState(state) if isinstance(state, int) else state] = int(count)
+    return [{state: counts[id_].get(state, 0) for state in TrialState} for id_ in ids]
 
 
 def _count(study: optuna.Study, state: TrialState) -> int:
