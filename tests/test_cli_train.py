@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import SVDSWEEP
 
-SVDSWEEP = Path(sys.executable).with_name("svdsweep")
 #: A proxy on a closed port: any download attempt fails at once instead of going online.
 OFFLINE_PROXY = "http://127.0.0.1:9"
 
@@ -22,7 +21,7 @@ class Launched:
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
         self.args = args
         self.process = subprocess.Popen(
-            [str(SVDSWEEP), *args],
+            [SVDSWEEP, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -107,7 +106,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
 
 
 def test_console_script_is_installed() -> None:
-    assert SVDSWEEP.is_file(), "run: pip install -e '.[test]'"
+    assert Path(SVDSWEEP).is_file(), "run: pip install -e '.[test]'"
 
 
 @pytest.mark.slow

@@ -18,8 +18,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -396,32 +394,10 @@ def test_entrypoint_refuses_ray_roles_without_a_token(tmp_path: Path) -> None:
         assert "RAY_AUTH_TOKEN" in result.stderr
 
 
-@pytest.fixture
-def empty_database() -> Iterator[str]:
-    """A fresh PostgreSQL database on 127.0.0.1:5432 (trust auth), dropped afterwards."""
-    psycopg2 = pytest.importorskip("psycopg2")
-    try:
-        admin = psycopg2.connect(
-            host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5
-        )
-    except psycopg2.OperationalError as error:
-        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 is needed: {error}")
-    admin.autocommit = True
-    name = f"svdsweep_compose_{uuid.uuid4().hex[:10]}"
-    admin.cursor().execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-    finally:
-        admin.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
-
-
-def test_init_db_creates_the_optuna_schema_once_and_again(
-    empty_database: str, tmp_path: Path
-) -> None:
+def test_init_db_creates_the_optuna_schema_once_and_again(pg_url: str, tmp_path: Path) -> None:
     import optuna
 
-    env = _entrypoint_env(HOME=str(tmp_path), SVDSWEEP_STORAGE=empty_database)
+    env = _entrypoint_env(HOME=str(tmp_path), SVDSWEEP_STORAGE=pg_url)
     for _ in range(2):  # a rerun (compose up again) finds the schema and leaves it
         result = subprocess.run(
             ["bash", str(ENTRYPOINT), "init-db"],
@@ -432,7 +408,7 @@ def test_init_db_creates_the_optuna_schema_once_and_again(
         )
         assert result.returncode == 0, result.stderr
         assert "storage schema" in result.stderr
-    storage = optuna.storages.RDBStorage(empty_database, skip_table_creation=True)
+    storage = optuna.storages.RDBStorage(pg_url, skip_table_creation=True)
     assert storage.get_current_version() == storage.get_head_version()
     assert optuna.get_all_study_names(storage) == []
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -18,9 +17,10 @@ from pathlib import Path
 
 import pytest
 from cheap_objective import cheap_objective
+from conftest import SVDSWEEP, free_port
 
 from svdsweep.studies import create_or_resume, study_name
-from svdsweep.sweep import SweepSpec, study_settings
+from svdsweep.sweep import SweepSpec
 from svdsweep.worker import run_worker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,23 +28,17 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 OUTPUT = REPO / "test-output"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
 def dashboard_on_small_sweep(tmp_path: Path) -> Iterator[tuple[str, str]]:
     """A finished two-study sweep (cheap objective) served by `svdsweep dashboard`."""
     url = f"sqlite:///{tmp_path}/dash.db"
     spec = SweepSpec(storage=url, experiment="browser", trials=4, trial_epochs=3)
-    create_or_resume(url, "browser", study_settings(spec))
+    create_or_resume(url, "browser", spec.study_settings())
     run_worker(url, "browser", objective=cheap_objective)
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [
-            str(REPO / ".venv/bin/svdsweep"),
+            SVDSWEEP,
             "dashboard",
             "--storage",
             url,

@@ -4,26 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
-import psycopg2
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def fresh_database() -> Iterator[str]:
-    name = f"svdsweep_cluster_{uuid.uuid4().hex[:8]}"
-    admin = psycopg2.connect(host="127.0.0.1", user="postgres", dbname="postgres")
-    admin.autocommit = True
-    admin.cursor().execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-    admin.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
 
 
 def _ray_processes() -> set[str]:
@@ -32,13 +18,13 @@ def _ray_processes() -> set[str]:
 
 
 @pytest.mark.slow
-def test_local_cluster_runs_sweep_dashboard_and_report(fresh_database: str, tmp_path: Path) -> None:
+def test_local_cluster_runs_sweep_dashboard_and_report(pg_url: str, tmp_path: Path) -> None:
     before = _ray_processes()
     result = subprocess.run(
         [
             str(REPO / "scripts/local-cluster.sh"),
             "--storage",
-            fresh_database,
+            pg_url,
             "--experiment",
             "cluster",
             "--trials",
@@ -69,7 +55,7 @@ def test_local_cluster_runs_sweep_dashboard_and_report(fresh_database: str, tmp_
         trial.user_attrs["worker_node_ip"]
         for optimizer in ("adam", "svd-adam")
         for trial in optuna.load_study(
-            study_name=f"cluster-{optimizer}", storage=fresh_database
+            study_name=f"cluster-{optimizer}", storage=pg_url
         ).get_trials(deepcopy=False)
     }
     # Six trials of a few seconds each leave both workers time to start and pull.

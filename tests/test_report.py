@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,30 +20,20 @@ from typing import Any
 
 import matplotlib.image
 import optuna
-import psycopg2
 import pytest
 import torch
+from conftest import fresh_database, svdsweep_cli
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
 from optuna_dashboard import get_note
 
+from svdsweep.cluster import ray_session
 from svdsweep.plot import format_params, redraw
-from svdsweep.report import (
-    FINAL_SEED_BASE,
-    ReportError,
-    ReportOutcome,
-    ReportSpec,
-    _Staging,
-    build_report,
-    conclude,
-    welch_test,
-)
+from svdsweep.report import FINAL_SEED_BASE, ReportOutcome, ReportSpec, build_report
 from svdsweep.space import config_from_params
 from svdsweep.studies import create_or_resume, load_settings, study_name
-from svdsweep.sweep import SweepSpec, ray_session, run_sweep, study_settings
+from svdsweep.sweep import SweepSpec, run_sweep
 from svdsweep.train import OPTIMIZERS, train
 
-REPO = Path(__file__).resolve().parents[1]
-SVDSWEEP = str(REPO / ".venv" / "bin" / "svdsweep")
 EXPERIMENT = "rep"
 TINY_SWEEP = {"trials": 2, "trial_epochs": 1, "train_subset": 2000}
 EPOCHS, SEEDS = 2, 2
@@ -79,31 +69,22 @@ def ray_cluster(module_env: dict[str, str]) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def pg_database() -> Iterator[str]:
-    name = f"svdsweep_report_{uuid.uuid4().hex[:10]}"
-    admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
-    admin.autocommit = True
-    admin.cursor().execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-    admin.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.close()
+def swept(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A tiny real sweep in SQLite and one in PostgreSQL: backend -> storage URL.
 
-
-@pytest.fixture(scope="module")
-def swept(
-    ray_cluster: Any, pg_database: str, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, str]:
-    """A tiny real sweep in SQLite and one in PostgreSQL: backend -> storage URL."""
-    urls = {
-        "sqlite": f"sqlite:///{tmp_path_factory.mktemp('sqlite')}/sweep.db",
-        "postgresql": pg_database,
-    }
-    for url in urls.values():
-        final = run_sweep(
-            SweepSpec(storage=url, experiment=EXPERIMENT, **TINY_SWEEP), progress=False
-        )
-        assert [study.finished for study in final] == [2, 2]
-    return urls
+    Read-only for the tests: one that changes a storage works on a copy.
+    """
+    with fresh_database("report") as pg_url:
+        urls = {
+            "sqlite": f"sqlite:///{tmp_path_factory.mktemp('sqlite')}/sweep.db",
+            "postgresql": pg_url,
+        }
+        for url in urls.values():
+            final = run_sweep(
+                SweepSpec(storage=url, experiment=EXPERIMENT, **TINY_SWEEP), progress=False
+            )
+            assert [study.finished for study in final] == [2, 2]
+        yield urls
 
 
 @pytest.fixture(scope="module")
@@ -200,16 +181,16 @@ def test_final_trainings_ran_in_parallel_on_ray_workers(
     ray_cluster: Any, reported: dict[str, ReportOutcome]
 ) -> None:
     assert ray_cluster.cluster_resources()["CPU"] >= 2
-    runs = reported["sqlite"].results["runs"]
+    runs = reported["sqlite"].results.runs
     assert len(runs) == 2 * SEEDS
-    assert len({run["pid"] for run in runs}) >= 2, "all runs in one worker process"
-    assert all(run["node_ip"] == "127.0.0.2" for run in runs)
+    assert len({run.pid for run in runs}) >= 2, "all runs in one worker process"
+    assert all(run.node_ip == "127.0.0.2" for run in runs)
     # Some two runs were in flight at the same instant.
-    intervals = sorted((run["task_started_at"], run["task_finished_at"]) for run in runs)
+    intervals = sorted((run.task_started_at, run.task_finished_at) for run in runs)
     assert any(
         later[0] < earlier[1] for i, earlier in enumerate(intervals) for later in intervals[i + 1 :]
     ), intervals
-    assert reported["sqlite"].results["durations"]["max_concurrent_runs"] >= 2
+    assert reported["sqlite"].results.durations.max_concurrent_runs >= 2
 
 
 def test_the_figure_is_redrawn_from_results_json_alone(
@@ -217,7 +198,7 @@ def test_the_figure_is_redrawn_from_results_json_alone(
 ) -> None:
     outcome = reported["sqlite"]
     info = redraw(outcome.results_json, tmp_path / "again.png")
-    assert info["panels"] == ["val_loss", "val_acc", "energy"]
+    assert info.panels == ["val_loss", "val_acc", "energy"]
     original = matplotlib.image.imread(outcome.figure)
     again = matplotlib.image.imread(tmp_path / "again.png")
     assert (original == again).all()
@@ -244,11 +225,25 @@ def test_a_retrain_reproduces_its_trial(swept: dict[str, str]) -> None:
 
 
 def test_artifacts_are_attached_and_a_rerun_replaces_them(
-    swept: dict[str, str], reported: dict[str, ReportOutcome]
+    swept: dict[str, str], reported: dict[str, ReportOutcome], tmp_path: Path
 ) -> None:
-    """Runs after the tests above: it replaces the shared SQLite report."""
-    first = reported["sqlite"]
-    url = swept["sqlite"]
+    """On a copy of the SQLite sweep, whose studies hold the shared report's artifacts."""
+    shutil.copy(swept["sqlite"].removeprefix("sqlite:///"), tmp_path / "sweep.db")
+    url = f"sqlite:///{tmp_path}/sweep.db"
+
+    def report(epochs: int) -> ReportOutcome:
+        spec = ReportSpec(
+            storage=url,
+            experiment=EXPERIMENT,
+            epochs=epochs,
+            seeds=SEEDS,
+            out=tmp_path / "results",
+            artifact_dir=tmp_path / "artifacts",
+        )
+        return build_report(spec, progress=False)
+
+    # The shared report's artifacts (in another store) are replaced by this one's.
+    first = report(EPOCHS)
     store = FileSystemArtifactStore(str(first.artifact_dir))
 
     def attached() -> dict[str, dict[str, str]]:
@@ -275,17 +270,7 @@ def test_artifacts_are_attached_and_a_rerun_replaces_them(
             first.report.read_bytes()
         )
 
-    rerun = build_report(
-        ReportSpec(
-            storage=url,
-            experiment=EXPERIMENT,
-            epochs=1,
-            seeds=SEEDS,
-            out=first.out,
-            artifact_dir=first.artifact_dir,
-        ),
-        progress=False,
-    )
+    rerun = report(1)
     after = attached()  # still exactly one figure and one report per study
     assert after == rerun.artifact_ids
     for name in after:
@@ -305,20 +290,12 @@ def test_artifacts_are_attached_and_a_rerun_replaces_them(
     ], "replaced in place, no staging left"
 
 
-def _cli(
-    *args: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [SVDSWEEP, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout
-    )
-
-
 @pytest.fixture(scope="module")
 def empty_study(module_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
     """An experiment whose studies exist but have no trial."""
     url = f"sqlite:///{tmp_path_factory.mktemp('empty')}/empty.db"
     spec = SweepSpec(storage=url, experiment="empty", **TINY_SWEEP)
-    create_or_resume(url, "empty", study_settings(spec))
+    create_or_resume(url, "empty", spec.study_settings())
     return url
 
 
@@ -353,7 +330,7 @@ def test_bad_input_is_one_line_and_leaves_no_results(
         "--epochs 0": ["--storage", swept["sqlite"], "--experiment", EXPERIMENT, "--epochs", "0"],
     }.get(case, ["--storage", swept["sqlite"], "--experiment", EXPERIMENT])
     artifacts = tmp_path / "artifacts"
-    result = _cli(
+    result = svdsweep_cli(
         "report", *args, "--out", str(out), "--artifact-dir", str(artifacts), env=module_env
     )
     assert result.returncode == 1, result.stderr
@@ -363,64 +340,8 @@ def test_bad_input_is_one_line_and_leaves_no_results(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"], "nothing else written"
 
 
-def test_a_failure_after_staging_leaves_no_results_directory(tmp_path: Path) -> None:
-    out = tmp_path / "deep" / "er" / "results"
-    with pytest.raises(RuntimeError, match="boom"), _Staging(out) as staging:
-        (staging.path / "results.json").write_text("{}")
-        raise RuntimeError("boom")
-    assert list(tmp_path.iterdir()) == [], "staging and the parents it created are gone"
-    assert not out.exists()
-
-    # An existing report (or a bind mount, which cannot be renamed over) is
-    # updated in place: kept as it was on failure, replaced file by file on success.
-    report = tmp_path / "report"
-    report.mkdir()
-    (report / "results.json").write_text("old")
-    with pytest.raises(RuntimeError, match="boom"), _Staging(report) as staging:
-        (staging.path / "results.json").write_text("new")
-        raise RuntimeError("boom")
-    assert [p.name for p in report.iterdir()] == ["results.json"]
-    assert (report / "results.json").read_text() == "old"
-    with _Staging(report) as staging:
-        (staging.path / "results.json").write_text("new")
-        (staging.path / "report.md").write_text("new")
-        staging.commit()
-    assert sorted(p.name for p in report.iterdir()) == ["report.md", "results.json"]
-    assert (report / "results.json").read_text() == "new"
-
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "notes.txt").write_text("precious")
-    with pytest.raises(ReportError, match="does not hold an svdsweep report"):
-        _Staging(tmp_path / "mine").__enter__()
-    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
-
-
-@pytest.mark.parametrize(
-    ("adam", "svd", "outcome", "phrase"),
-    [
-        ([0.40], [0.30], "inconclusive", "too few seeds for a test"),
-        ([0.40, 0.41, 0.42], [0.30, 0.31, 0.30], "supported", "Supported: SVD(Adam) reaches"),
-        ([0.30, 0.31, 0.30], [0.40, 0.41, 0.42], "not supported", "Not supported: tuned Adam"),
-        ([0.30, 0.35, 0.40], [0.31, 0.36, 0.39], "inconclusive", "not significant at the 5%"),
-        ([0.30, 0.30], [0.30, 0.30], "inconclusive", "does not vary across seeds"),
-    ],
-)
-def test_the_verdict_rests_on_welchs_test(
-    adam: list[float], svd: list[float], outcome: str, phrase: str
-) -> None:
-    test = welch_test(adam, svd)
-    found, sentence = conclude(test, "test_loss", len(adam))
-    assert found == outcome and phrase in sentence
-    if min(len(adam), len(svd)) >= 2 and test["p_value"] is not None:
-        from scipy import stats
-
-        expected = stats.ttest_ind(svd, adam, equal_var=False).pvalue
-        assert test["p_value"] == pytest.approx(expected)
-        assert f"p = {test['p_value']:.3g}" in sentence or "p = " in sentence
-
-
 def test_svdsweep_run_quick_end_to_end(module_env: dict[str, str], tmp_path: Path) -> None:
-    result = _cli(
+    result = svdsweep_cli(
         "run",
         "--trials",
         "2",
@@ -458,7 +379,7 @@ def test_svdsweep_run_quick_end_to_end(module_env: dict[str, str], tmp_path: Pat
 def test_svdsweep_run_refuses_bad_sizes_before_doing_anything(
     module_env: dict[str, str], tmp_path: Path
 ) -> None:
-    result = _cli("run", "--seeds", "0", env=module_env, cwd=tmp_path)
+    result = svdsweep_cli("run", "--seeds", "0", env=module_env, cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip() == "error: --seeds must be a positive integer, got 0"
     assert list(tmp_path.iterdir()) == [], "no database, no results, no artifact store"

@@ -16,24 +16,24 @@ import sys
 import textwrap
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import cheap_objective
 import optuna
-import psycopg2
 import pytest
 import ray
 import ray.cloudpickle
 from cheap_objective import cheap_objective as objective
+from conftest import SVDSWEEP as SVDSWEEP_PATH
+from conftest import free_port, svdsweep_cli, wait_until
 from optuna.trial import TrialState
 
-from svdsweep import storage as storage_module
 from svdsweep.space import SearchSpace
+from svdsweep.storage import trial_id
 from svdsweep.studies import ExperimentError, create_or_resume, experiment_status, study_name
-from svdsweep.sweep import SweepSpec, run_sweep, study_settings
+from svdsweep.sweep import SweepSpec, run_sweep
 from svdsweep.train import OPTIMIZERS
 from svdsweep.worker import run_worker
 
@@ -41,27 +41,9 @@ from svdsweep.worker import run_worker
 ray.cloudpickle.register_pickle_by_value(cheap_objective)
 
 REPO = Path(__file__).resolve().parents[1]
-SVDSWEEP = str(REPO / ".venv" / "bin" / "svdsweep")
+#: Dead workers are noticed within seconds. Read from the environment by the
+#: driver (this process), the Ray workers it starts and the subprocesses.
 HEARTBEAT = {"SVDSWEEP_HEARTBEAT_INTERVAL": "1", "SVDSWEEP_GRACE_PERIOD": "3"}
-
-
-def _admin_connection() -> psycopg2.extensions.connection:
-    connection = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
-    connection.autocommit = True
-    return connection
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database per test, dropped afterwards."""
-    name = f"svdsweep_test_{uuid.uuid4().hex[:10]}"
-    connection = _admin_connection()
-    connection.cursor().execute(f'CREATE DATABASE "{name}"')
-    connection.close()
-    yield f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
-    connection = _admin_connection()
-    connection.cursor().execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    connection.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -92,12 +74,6 @@ def local_ray() -> Iterator[None]:
     ray.shutdown()
     os.environ.clear()
     os.environ.update(saved)
-
-
-@pytest.fixture(autouse=True)
-def short_heartbeats(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(storage_module, "HEARTBEAT_INTERVAL", 1)
-    monkeypatch.setattr(storage_module, "GRACE_PERIOD", 3)
 
 
 def _trials(url: str, experiment: str, optimizer: str) -> list[optuna.trial.FrozenTrial]:
@@ -212,7 +188,7 @@ def test_resuming_full_studies_starts_nothing(
 def test_a_study_with_another_search_space_is_refused(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/space.db"
     spec = SweepSpec(storage=url, experiment="space", trials=2)
-    create_or_resume(url, "space", study_settings(spec))
+    create_or_resume(url, "space", spec.study_settings())
     other = SweepSpec(
         storage=url, experiment="space", trials=2, space=SearchSpace(lr_low=1e-3, lr_high=1e-2)
     )
@@ -222,21 +198,8 @@ def test_a_study_with_another_search_space_is_refused(tmp_path: Path) -> None:
     assert json.loads(
         optuna.load_study(study_name="space-adam", storage=url).user_attrs["svdsweep_settings"]
     )["space"]["lr_high"] == pytest.approx(0.1)
-    result = subprocess.run(
-        [
-            SVDSWEEP,
-            "sweep",
-            "--storage",
-            url,
-            "--experiment",
-            "space",
-            "--lr-range",
-            "1e-3",
-            "1e-2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = svdsweep_cli(
+        *("sweep", "--storage", url, "--experiment", "space", "--lr-range", "1e-3", "1e-2"),
         env={**os.environ, "RAY_ADDRESS": ""},
     )
     assert result.returncode == 1
@@ -270,15 +233,15 @@ _WORKER_SCRIPT = textwrap.dedent(
 def test_a_trial_reaped_while_it_runs_does_not_stop_its_worker(tmp_path: Path) -> None:
     """After a long database outage a live trial may be failed as stale: the worker goes on."""
     url = f"sqlite:///{tmp_path}/reaped.db"
-    create_or_resume(url, "reaped", study_settings(SweepSpec(experiment="reaped", trials=2)))
+    create_or_resume(url, "reaped", SweepSpec(experiment="reaped", trials=2).study_settings())
     storage = optuna.storages.RDBStorage(url)
     reaped: list[int] = []
 
     def objective(config: Any, report: Any) -> Any:
         if not reaped:  # what a driver's reaper does to a trial whose heartbeat went silent
-            (summary,) = [s for s in storage.get_all_studies() if s.study_name == "reaped-adam"]
-            (running,) = storage.get_all_trials(summary._study_id, states=(TrialState.RUNNING,))
-            storage.set_trial_state_values(running._trial_id, TrialState.FAIL)
+            study = storage.get_study_id_from_name("reaped-adam")
+            (running,) = storage.get_all_trials(study, states=(TrialState.RUNNING,))
+            storage.set_trial_state_values(trial_id(running), TrialState.FAIL)
             reaped.append(running.number)
         return cheap_objective.cheap_objective(config, report, seconds=0.01)
 
@@ -292,24 +255,18 @@ def test_a_trial_reaped_while_it_runs_does_not_stop_its_worker(tmp_path: Path) -
 def test_a_killed_workers_last_trial_is_reaped_and_retried(pg_url: str) -> None:
     """SIGKILL mid-trial: heartbeats go stale, the trial is FAILed and its params rerun."""
     spec = SweepSpec(storage=pg_url, experiment="kill", trials=2)
-    create_or_resume(pg_url, "kill", study_settings(spec))
+    create_or_resume(pg_url, "kill", spec.study_settings())
     script = _WORKER_SCRIPT.format(tests=str(REPO / "tests"), url=pg_url, experiment="kill")
     doomed = subprocess.Popen(
         [sys.executable, "-c", script],
         env={**os.environ, **HEARTBEAT, "SVDSWEEP_TEST_TRIAL_SECONDS": "600"},
     )
     try:
-        deadline = time.monotonic() + 60
-        running: list[optuna.trial.FrozenTrial] = []
-        while not running and time.monotonic() < deadline:
-            time.sleep(0.5)
-            running = [
-                t
-                for opt in OPTIMIZERS
-                for t in _trials(pg_url, "kill", opt)
-                if t.state == TrialState.RUNNING and t.params
-            ]
-        assert running, "the worker never started a trial"
+        running = wait_until(
+            lambda: [t for t in _running(pg_url, "kill", with_attr="worker_pid") if t.params],
+            timeout=60,
+            what="the worker to start a trial",
+        )
         time.sleep(1.5)  # let it beat at least once
     finally:
         doomed.send_signal(signal.SIGKILL)
@@ -329,6 +286,16 @@ def test_a_killed_workers_last_trial_is_reaped_and_retried(pg_url: str) -> None:
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params == killed.params
+
+
+def _running(url: str, experiment: str, with_attr: str) -> list[optuna.trial.FrozenTrial]:
+    """The RUNNING trials of both studies that have recorded ``with_attr``."""
+    return [
+        trial
+        for optimizer in OPTIMIZERS
+        for trial in _trials(url, experiment, optimizer)
+        if trial.state == TrialState.RUNNING and with_attr in trial.user_attrs
+    ]
 
 
 @contextlib.contextmanager
@@ -363,14 +330,12 @@ def test_the_sweep_survives_a_postgres_restart(pg_url: str) -> None:
         trial_epochs=4,
     )
     with _sweep_in_background(spec, seconds_per_trial=1.0):
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            time.sleep(0.5)
-            try:
-                if sum(s.finished for s in experiment_status(pg_url, "restart")) >= 3:
-                    break
-            except Exception:  # noqa: BLE001 - the studies may not exist yet
-                continue
+        wait_until(
+            lambda: sum(s.finished for s in experiment_status(pg_url, "restart")) >= 3,
+            timeout=90,
+            what="3 finished trials",
+            ignore=(ExperimentError,),  # the studies may not exist yet
+        )
         cluster = os.listdir("/etc/postgresql")[0]
         subprocess.run(
             ["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", "restart"],
@@ -405,15 +370,12 @@ def test_ctrl_c_fails_running_trials_and_a_rerun_resumes(pg_url: str) -> None:
     env = {**os.environ, **HEARTBEAT, "SVDSWEEP_TEST_TRIAL_SECONDS": "600", "RAY_ADDRESS": ""}
     driver = subprocess.Popen([sys.executable, "-c", script], env=env)
     try:
-        deadline = time.monotonic() + 120
-        running = 0
-        while running < 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
-            try:
-                running = sum(s.counts["RUNNING"] for s in experiment_status(pg_url, "ctrlc"))
-            except Exception:  # noqa: BLE001 - not created yet
-                continue
-        assert running == 2, "both workers should be mid-trial"
+        wait_until(
+            lambda: sum(s.counts["RUNNING"] for s in experiment_status(pg_url, "ctrlc")) == 2,
+            timeout=120,
+            what="both workers to be mid-trial",
+            ignore=(ExperimentError,),  # not created yet
+        )
         driver.send_signal(signal.SIGINT)
         assert driver.wait(timeout=90) == 130
     finally:
@@ -445,13 +407,8 @@ def test_status_reports_counts_and_best_as_json(tmp_path: Path) -> None:
         objective=objective,
         progress=False,
     )
-    result = subprocess.run(
-        [SVDSWEEP, "status", "--storage", url, "--experiment", "st", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
+    result = svdsweep_cli("status", "--storage", url, "--experiment", "st", "--json")
+    assert result.returncode == 0, result.stderr
     studies = json.loads(result.stdout)
     assert [s["study"] for s in studies] == ["st-adam", "st-svd-adam"]
     for study in studies:
@@ -462,12 +419,7 @@ def test_status_reports_counts_and_best_as_json(tmp_path: Path) -> None:
         assert set(study["best_params"]) == (
             {"lr"} if study["optimizer"] == "adam" else {"lr", "k"}
         )
-    missing = subprocess.run(
-        [SVDSWEEP, "status", "--storage", f"sqlite:///{tmp_path}/none.db"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    missing = svdsweep_cli("status", "--storage", f"sqlite:///{tmp_path}/none.db")
     assert missing.returncode == 1 and missing.stderr.startswith("error: no SQLite storage")
     assert not (tmp_path / "none.db").exists()
 
@@ -477,25 +429,9 @@ def test_a_real_training_sweep_through_the_cli(tmp_path: Path) -> None:
     """The integration: svdsweep sweep trains real models on Ray workers."""
     url = f"sqlite:///{tmp_path}/real.db"
     env = {**os.environ, "RAY_ADDRESS": "", "SVDSWEEP_RAY_NODE_IP": "127.0.0.6"}
-    result = subprocess.run(
-        [
-            SVDSWEEP,
-            "sweep",
-            "--storage",
-            url,
-            "--experiment",
-            "real",
-            "--trials",
-            "2",
-            "--workers",
-            "2",
-            "--trial-epochs",
-            "1",
-            "--train-subset",
-            "2000",
-        ],
-        capture_output=True,
-        text=True,
+    result = svdsweep_cli(
+        *("sweep", "--storage", url, "--experiment", "real", "--trials", "2", "--workers", "2"),
+        *("--trial-epochs", "1", "--train-subset", "2000"),
         timeout=300,
         env=env,
         cwd=tmp_path,
@@ -523,21 +459,13 @@ def test_a_ray_worker_killed_mid_trial_is_retried_without_double_counting(pg_url
         trial_epochs=2,
     )
     with _sweep_in_background(spec, seconds_per_trial=4.0):
-        victim = None
-        deadline = time.monotonic() + 90
-        while victim is None and time.monotonic() < deadline:
-            time.sleep(0.3)
-            try:
-                running = [
-                    t
-                    for opt in OPTIMIZERS
-                    for t in _trials(pg_url, "raykill", opt)
-                    if t.state == TrialState.RUNNING and "worker_pid" in t.user_attrs
-                ]
-            except KeyError:  # the studies do not exist yet
-                continue
-            victim = running[0] if running else None
-        assert victim is not None, "no trial started"
+        victim = wait_until(
+            lambda: _running(pg_url, "raykill", with_attr="worker_pid"),
+            timeout=90,
+            interval=0.3,
+            what="a trial to start",
+            ignore=(KeyError,),  # the studies do not exist yet
+        )[0]
         os.kill(victim.user_attrs["worker_pid"], signal.SIGKILL)
     for optimizer in OPTIMIZERS:
         counts = _states(pg_url, "raykill", optimizer)
@@ -606,7 +534,7 @@ def test_bad_sweep_input_is_one_line_nonzero_and_writes_nothing(
     }
     processes = {
         case: subprocess.Popen(
-            [SVDSWEEP, "sweep", *args],
+            [SVDSWEEP_PATH, "sweep", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -633,7 +561,7 @@ def test_optuna_cli_and_optuna_dashboard_open_the_sweeps_storage(pg_url: str) ->
         objective=objective,
         progress=False,
     )
-    optuna_cli = str(REPO / ".venv" / "bin" / "optuna")
+    optuna_cli = str(Path(sys.executable).with_name("optuna"))
     listed = subprocess.run(
         [optuna_cli, "studies", "--storage", pg_url, "-f", "json"],
         capture_output=True,
@@ -668,10 +596,10 @@ def test_optuna_cli_and_optuna_dashboard_open_the_sweeps_storage(pg_url: str) ->
         assert set(trial["params"]) == ({"lr"} if optimizer == "adam" else {"lr", "k"})
 
     # optuna-dashboard's own command and storage loader, given only the URL.
-    port = _free_loopback_port()
+    port = free_port()
     dashboard = subprocess.Popen(
         [
-            str(REPO / ".venv" / "bin" / "optuna-dashboard"),
+            str(Path(sys.executable).with_name("optuna-dashboard")),
             pg_url,
             "--host",
             "127.0.0.1",
@@ -695,29 +623,17 @@ def test_optuna_cli_and_optuna_dashboard_open_the_sweeps_storage(pg_url: str) ->
         dashboard.wait(timeout=30)
 
 
-def _free_loopback_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _get_json(url: str, server: subprocess.Popen[str]) -> Any:
     import urllib.error
     import urllib.request
 
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as answer:
-                return json.loads(answer.read())
-        except (urllib.error.URLError, ConnectionError):
-            if server.poll() is not None:
-                raise AssertionError(f"optuna-dashboard exited: {server.stderr.read()}") from None
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    def answer() -> Any:
+        if server.poll() is not None:
+            raise AssertionError(f"optuna-dashboard exited: {server.stderr.read()}")
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return json.loads(response.read())
+
+    return wait_until(answer, timeout=90, what=url, ignore=(urllib.error.URLError, ConnectionError))
 
 
 @pytest.mark.slow

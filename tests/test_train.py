@@ -120,9 +120,13 @@ def test_bad_config_is_rejected(overrides: dict[str, Any], match: str) -> None:
         TrainConfig(**overrides)
 
 
-def test_valid_configs_are_accepted() -> None:
-    TrainConfig(optimizer="svd-adam", k=1, method="exact", lr=1e-5)
-    TrainConfig(optimizer="adam", k=None, lr=3)
+def test_valid_configs_are_accepted_as_given() -> None:
+    svd = TrainConfig(optimizer="svd-adam", k=1, method="exact", lr=1e-5)
+    assert (svd.optimizer, svd.k, svd.method, svd.lr) == ("svd-adam", 1, "exact", 1e-5)
+    adam = TrainConfig(optimizer="adam", k=None, lr=3)
+    assert adam.to_dict() == {**TrainConfig().to_dict(), "lr": 3}
+    # What a sweep stores and a retrain rebuilds: the dict round-trips to an equal config.
+    assert TrainConfig(**svd.to_dict()) == svd
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
