@@ -35,14 +35,14 @@ class UserError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from svdsweep.data import DataNotFoundError
+    from svdsweep.data import DataError
     from svdsweep.storage import StorageError
     from svdsweep.train import TrainingDiverged
 
     errors: tuple[type[BaseException], ...] = (
         UserError,
         ValueError,
-        DataNotFoundError,
+        DataError,
         TrainingDiverged,
         PermissionError,
         StorageError,
