@@ -11,13 +11,15 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] \
 fi
 # Debian's Chromium drives the dashboard's browser test (no browser downloads).
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
-# shellcheck lints the deployment scripts (scripts/validate-compose.sh).
+# Debian's shellcheck lints the deployment scripts (scripts/validate-compose.sh).
 command -v shellcheck >/dev/null 2>&1 || need_apt+=(shellcheck)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "setup: apt-get install ${need_apt[*]}"
-    apt-get update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_apt[@]}" >/dev/null
+    # Wait (up to 10 min) for another apt/dpkg process instead of failing at once.
+    apt_wait=(-o DPkg::Lock::Timeout=600)
+    apt-get "${apt_wait[@]}" update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get "${apt_wait[@]}" install -y -q "${need_apt[@]}" >/dev/null
   else
     echo "setup: please install Debian packages: sudo apt-get install -y ${need_apt[*]}" >&2
   fi

@@ -23,9 +23,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import math
 import os
 import shutil
+import struct
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +39,8 @@ from svdsweep.errors import ConfigError, UserError
 
 __all__ = [
     "DATASETS",
+    "CorruptDataError",
+    "DataError",
     "DataNotFoundError",
     "Splits",
     "cache_dir",
@@ -64,8 +69,24 @@ VALIDATION_SIZE = 10_000
 SPLIT_SEED = 20_240_601
 
 
-class DataNotFoundError(UserError, FileNotFoundError):
+class DataError(UserError):
+    """The dataset cannot be used as found; the message names the file or places and the fix."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
     """No copy of the dataset could be found or fetched; the message says what was tried."""
+
+
+class CorruptDataError(DataError):
+    """An idx file is truncated, not gzip, or not the shape its header promises.
+
+    Raised before anything is cached, so a bad copy never poisons later runs.
+    """
+
+
+#: idx magic numbers (unsigned byte data): 3 dimensions for images, 1 for labels.
+IDX_IMAGES, IDX_LABELS = 0x0803, 0x0801
+IMAGE_SHAPE = (28, 28)
 
 
 @dataclass(frozen=True)
@@ -224,6 +245,7 @@ def _as_torchvision_root(source: Path, class_name: str, dataset: str) -> Path:
     half-written copy that later runs would trust.
     """
     if source.name == "raw" and all((source / name).is_file() for name in RAW_FILES):
+        _check_idx_files(source)
         return source.parent.parent
     # One cache entry per source directory and version of its files, so two
     # sources never mix and replaced files are never served stale.
@@ -236,7 +258,12 @@ def _as_torchvision_root(source: Path, class_name: str, dataset: str) -> Path:
     target_root = cache_dir() / "data" / f"{dataset}-{digest}"
     raw = target_root / class_name / "raw"
     if all((raw / name).is_file() for name in RAW_FILES):
-        return target_root
+        try:
+            _check_idx_files(raw)
+            return target_root
+        except CorruptDataError as error:  # written by an older version: rebuild it
+            log.warning("discarding a bad cached copy (%s)", error)
+            shutil.rmtree(raw, ignore_errors=True)
     raw.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=raw.parent, prefix=".raw-"))
     try:
@@ -245,8 +272,8 @@ def _as_torchvision_root(source: Path, class_name: str, dataset: str) -> Path:
             if plain.is_file():
                 shutil.copyfile(plain, staging / name)
             else:
-                with gzip.open(packed, "rb") as fin, open(staging / name, "wb") as fout:
-                    shutil.copyfileobj(fin, fout)
+                _gunzip(packed, staging / name)
+        _check_idx_files(staging, shown=source)
         if raw.exists():  # another process won the race
             shutil.rmtree(staging)
         else:
@@ -255,6 +282,68 @@ def _as_torchvision_root(source: Path, class_name: str, dataset: str) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target_root
+
+
+def _gunzip(packed: Path, target: Path) -> None:
+    """Decompresses ``packed`` into ``target``, naming the file when it is not a whole gzip."""
+    try:
+        with gzip.open(packed, "rb") as fin, open(target, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        # EOFError is what a truncated file raises; left alone, click turns it into a
+        # bare "Aborted!".
+        raise CorruptDataError(
+            f"{packed} is not a complete gzip file ({type(error).__name__}: {error}); "
+            "replace it with an intact copy"
+        ) from None
+
+
+def _check_idx_files(directory: Path, *, shown: Path | None = None) -> None:
+    """Checks the four decompressed idx files in ``directory`` against their headers.
+
+    Each file must carry the idx magic number of its kind, 28x28 images, exactly
+    as many bytes as its header promises, and as many labels as its split has
+    images. Only the headers are read and the sizes stat'ed, so this is cheap
+    enough to run on every use of a cached copy. ``shown`` is the directory to
+    name in the message (the user's source, not the staging copy).
+    """
+    counts: dict[str, int] = {}
+    for name in RAW_FILES:
+        path = directory / name
+        label = _source_file(shown or directory, name)
+        is_images = "images" in name
+        magic, dims = (IDX_IMAGES, 3) if is_images else (IDX_LABELS, 1)
+        with open(path, "rb") as handle:
+            header = handle.read(4 + 4 * dims)
+        if len(header) < 4 + 4 * dims or struct.unpack(">I", header[:4])[0] != magic:
+            kind = "images" if is_images else "labels"
+            raise CorruptDataError(f"{label} is not an idx file of {kind} (bad header)")
+        shape = struct.unpack(f">{dims}I", header[4:])
+        if is_images and tuple(shape[1:]) != IMAGE_SHAPE:
+            raise CorruptDataError(
+                f"{label} holds {shape[1]}x{shape[2]} images; 28x28 are expected"
+            )
+        expected = len(header) + math.prod(shape)
+        actual = path.stat().st_size
+        if actual != expected:
+            raise CorruptDataError(
+                f"{label} has {actual} bytes but its header promises {expected} "
+                "(truncated or padded); replace it with an intact copy"
+            )
+        counts[name] = shape[0]
+    for split in ("train", "t10k"):
+        images, labels = counts[f"{split}-images-idx3-ubyte"], counts[f"{split}-labels-idx1-ubyte"]
+        if images != labels:
+            images_file = _source_file(shown or directory, f"{split}-images-idx3-ubyte")
+            raise CorruptDataError(
+                f"{images_file} holds {images} images but its labels file holds {labels} labels"
+            )
+
+
+def _source_file(directory: Path, name: str) -> Path:
+    """``directory/name`` if it exists, else its ``.gz``: the file a user would go and fix."""
+    plain = directory / name
+    return plain if plain.is_file() else directory / f"{name}.gz"
 
 
 def _download(class_name: str, root: Path) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -276,3 +279,114 @@ def test_real_validation_split_is_the_same_for_every_run(
     # No validation image is also a training image (compared by content).
     val_rows = {row.numpy().tobytes() for row in fashion_splits.val_x}
     assert not any(row.numpy().tobytes() in val_rows for row in fashion_splits.train_x)
+
+
+# -- damaged copies -------------------------------------------------------------------------
+
+
+def truncate_gzip(directory: Path, name: str) -> Path:
+    packed = directory / f"{name}.gz"
+    packed.write_bytes(packed.read_bytes()[: packed.stat().st_size // 2])
+    return packed
+
+
+def damage_plain(directory: Path, name: str, how: str) -> Path:
+    path = directory / name
+    if how == "garbage":
+        path.write_bytes(b"not an idx file at all")
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif how == "wrong-shape":  # 200 images of 14x56 carry the same bytes as 28x28
+        header = bytes([0, 0, 0x08, 3]) + struct.pack(">III", 200, 14, 56)
+        path.write_bytes(header + path.read_bytes()[16:])
+    elif how == "fewer-labels":
+        write_idx(path, np.arange(199) % 10, compress=False)
+    return path
+
+
+def cached_copies(cache: Path) -> list[Path]:
+    return [path for path in cache.rglob("*-idx*-ubyte") if path.is_file()]
+
+
+@pytest.mark.usefixtures("no_debian")
+def test_a_truncated_gzip_is_named_and_never_cached(isolated: Path, tmp_path: Path) -> None:
+    directory = make_tiny_dataset(tmp_path / "tiny")
+    packed = truncate_gzip(directory, "train-images-idx3-ubyte")
+
+    with pytest.raises(data.CorruptDataError) as raised:
+        load_splits(data_dir=directory, validation_size=50)
+
+    message = str(raised.value)
+    assert str(packed) in message and "not a complete gzip file" in message
+    assert "\n" not in message
+    assert cached_copies(isolated) == []  # nothing half-written for a later run to trust
+
+
+@pytest.mark.usefixtures("no_debian")
+@pytest.mark.parametrize(
+    ("name", "how", "fragment"),
+    [
+        ("train-images-idx3-ubyte", "garbage", "is not an idx file of images"),
+        ("t10k-labels-idx1-ubyte", "garbage", "is not an idx file of labels"),
+        ("train-images-idx3-ubyte", "truncated", "but its header promises"),
+        ("train-images-idx3-ubyte", "wrong-shape", "holds 14x56 images; 28x28 are expected"),
+        ("train-labels-idx1-ubyte", "fewer-labels", "holds 200 images but its labels file"),
+    ],
+)
+@pytest.mark.parametrize("compress", [True, False], ids=["gz", "plain"])
+def test_a_damaged_idx_file_is_named_and_never_cached(
+    isolated: Path, tmp_path: Path, name: str, how: str, fragment: str, compress: bool
+) -> None:
+    directory = make_tiny_dataset(tmp_path / "tiny", compress=False)
+    damage_plain(directory, name, how)
+    if compress:
+        for path in list(directory.iterdir()):
+            path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+            path.unlink()
+
+    with pytest.raises(data.CorruptDataError, match=fragment) as raised:
+        load_splits(data_dir=directory, validation_size=50)
+
+    shown = "train-images-idx3-ubyte" if how == "fewer-labels" else name
+    shown += ".gz" if compress else ""
+    assert f"{directory / shown} " in str(raised.value)  # the user's file, not a staging copy
+    assert cached_copies(isolated) == []
+
+
+@pytest.mark.usefixtures("isolated", "no_debian")
+def test_a_damaged_torchvision_layout_is_refused_in_place(tmp_path: Path) -> None:
+    raw = make_tiny_dataset(tmp_path / "root" / "FashionMNIST" / "raw", compress=False)
+    damage_plain(raw, "t10k-images-idx3-ubyte", "truncated")
+    with pytest.raises(data.CorruptDataError, match="t10k-images-idx3-ubyte has"):
+        resolve_raw_dir("fashion-mnist", tmp_path / "root")
+
+
+@pytest.mark.usefixtures("no_debian")
+def test_a_bad_cached_copy_is_rebuilt(isolated: Path, tmp_path: Path) -> None:
+    """A copy cached by an older version, without these checks, is discarded, not served."""
+    directory = make_tiny_dataset(tmp_path / "tiny")
+    root = resolve_raw_dir("fashion-mnist", directory)
+    cached = root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
+    intact = cached.read_bytes()
+    cached.write_bytes(intact[:-100])
+
+    assert resolve_raw_dir("fashion-mnist", directory) == root
+    assert cached.read_bytes() == intact
+
+
+def test_the_cli_names_a_truncated_file_in_one_line(tmp_path: Path) -> None:
+    """What a user sees: one ``error:`` line naming the file, exit 1, not click's "Aborted!"."""
+    directory = make_tiny_dataset(tmp_path / "tiny")
+    packed = truncate_gzip(directory, "t10k-labels-idx1-ubyte")
+    env = {**os.environ, "SVDSWEEP_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("SVDSWEEP_DATA_DIR", None)
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("svdsweep")), "train", "--data-dir", str(directory),
+         "--device", "cpu", "--epochs", "1", "--optimizer", "adam", "--lr", "0.001"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert str(packed) in lines[0] and "not a complete gzip file" in lines[0]
+    assert cached_copies(tmp_path / "cache") == []
