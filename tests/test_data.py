@@ -5,13 +5,12 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import svdsweep_cli
 
 from svdsweep import data
 from svdsweep.data import DataNotFoundError, Splits, load_splits, resolve_raw_dir
@@ -380,10 +379,9 @@ def test_the_cli_names_a_truncated_file_in_one_line(tmp_path: Path) -> None:
     packed = truncate_gzip(directory, "t10k-labels-idx1-ubyte")
     env = {**os.environ, "SVDSWEEP_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("SVDSWEEP_DATA_DIR", None)
-    result = subprocess.run(
-        [str(Path(sys.executable).with_name("svdsweep")), "train", "--data-dir", str(directory),
-         "--device", "cpu", "--epochs", "1", "--optimizer", "adam", "--lr", "0.001"],
-        capture_output=True, text=True, env=env, timeout=300,
+    result = svdsweep_cli(
+        "train", "--data-dir", str(directory), "--device", "cpu", "--epochs", "1",
+        "--optimizer", "adam", "--lr", "0.001", env=env, timeout=300,
     )  # fmt: skip
     assert result.returncode == 1, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
