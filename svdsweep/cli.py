@@ -215,7 +215,8 @@ RayNodeIpOption = Annotated[
     str | None,
     typer.Option(
         "--ray-node-ip",
-        help="loopback address of a Ray started here (else $SVDSWEEP_RAY_NODE_IP, else 127.0.0.2)",
+        help="node address of this process's Ray (else $SVDSWEEP_RAY_NODE_IP; else 127.0.0.1,"
+        " all on loopback, for a Ray started here, and 127.0.0.2 to join a cluster)",
     ),
 ]
 

@@ -65,7 +65,7 @@ class SweepSpec:
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_worker: float = 1.0  # a trial trains on one thread (torch on 1 CPU)
     ray_address: str | None = None  # None: $RAY_ADDRESS, else start a local Ray
-    ray_node_ip: str | None = None  # None: $SVDSWEEP_RAY_NODE_IP, else 127.0.0.2
+    ray_node_ip: str | None = None  # None: see svdsweep.cluster.ray_session
     trial_epochs: int = StudySettings.epochs
     dataset: str = StudySettings.dataset
     model: str = StudySettings.model

@@ -26,7 +26,7 @@ from conftest import fresh_database, svdsweep_cli
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
 from optuna_dashboard import get_note
 
-from svdsweep.cluster import ray_session
+from svdsweep.cluster import LOCAL_RAY_NODE_IP, ray_session
 from svdsweep.plot import format_params, redraw
 from svdsweep.report import FINAL_SEED_BASE, ReportOutcome, ReportSpec, build_report
 from svdsweep.space import config_from_params
@@ -184,7 +184,7 @@ def test_final_trainings_ran_in_parallel_on_ray_workers(
     runs = reported["sqlite"].results.runs
     assert len(runs) == 2 * SEEDS
     assert len({run.pid for run in runs}) >= 2, "all runs in one worker process"
-    assert all(run.node_ip == "127.0.0.2" for run in runs)
+    assert all(run.node_ip == LOCAL_RAY_NODE_IP for run in runs)  # loopback-only
     # Some two runs were in flight at the same instant.
     intervals = sorted((run.task_started_at, run.task_finished_at) for run in runs)
     assert any(

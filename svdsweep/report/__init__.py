@@ -71,7 +71,7 @@ class ReportSpec:
     seeds: int = 5
     out: Path = Path("results")  # replaced atomically at the end
     ray_address: str | None = None  # None: $RAY_ADDRESS, else start a local Ray
-    ray_node_ip: str | None = None  # None: $SVDSWEEP_RAY_NODE_IP, else 127.0.0.2
+    ray_node_ip: str | None = None  # None: see svdsweep.cluster.ray_session
     gpus_per_run: float | None = None  # None: 1 when the cluster has GPUs, else 0
     artifact_dir: Path | None = None  # None: $SVDSWEEP_ARTIFACT_DIR, else ./svdsweep-artifacts
 
