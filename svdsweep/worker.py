@@ -46,7 +46,14 @@ from svdsweep.storage import (
 from svdsweep.studies import load_settings, study_name
 from svdsweep.train import OPTIMIZERS, ReportCallback, TrainConfig, TrainingDiverged, TrainResult
 
-__all__ = ["Objective", "WorkerError", "WorkerSummary", "run_worker", "training_objective"]
+__all__ = [
+    "Objective",
+    "WorkerError",
+    "WorkerSummary",
+    "run_worker",
+    "training_objective",
+    "trial_sampler",
+]
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +109,9 @@ def run_worker(
 ) -> WorkerSummary:
     """Runs trials of ``experiment`` until both studies have their budget.
 
-    ``seed`` and ``worker_id`` seed this worker's samplers: each worker gets its
-    own seed, otherwise parallel workers would propose identical parameters.
-    ``max_trials`` stops after that many trials (for tests and manual runs).
+    ``seed`` and the number of the trial being claimed seed the sampler of each
+    new trial (see :func:`trial_sampler`). ``max_trials`` stops after that many
+    trials (for tests and manual runs).
     """
     objective = objective or training_objective()
     storage = open_storage(storage_url)
@@ -112,23 +119,23 @@ def run_worker(
     studies: dict[str, tuple[optuna.Study, StudySettings]] = {}
     for optimizer in OPTIMIZERS:
         settings = load_settings(storage, experiment, optimizer)
-        sampler = optuna.samplers.TPESampler(
-            seed=_sampler_seed(seed, worker_id, optimizer), constant_liar=True
-        )
         pruner: optuna.pruners.BasePruner = (
             optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
             if settings.pruner == "median"
             else optuna.pruners.NopPruner()
         )
         study = load_study(
-            storage, study_name(experiment, optimizer), sampler=sampler, pruner=pruner
+            storage,
+            study_name(experiment, optimizer),
+            sampler=trial_sampler(seed, optimizer, 0),  # replaced at each claim
+            pruner=pruner,
         )
         studies[optimizer] = (study, settings)
 
     summary = WorkerSummary(worker_id, socket.gethostname(), cluster.node_ip(), cluster.gpu_ids())
     failures = 0
     while max_trials is None or len(summary.trials) < max_trials:
-        claim = retrying(lambda: _claim(url, experiment, studies))
+        claim = retrying(lambda: _claim(url, experiment, studies, seed))
         if claim is None:
             counts = retrying(lambda: trial_counts([study for study, _ in studies.values()]))
             if all(
@@ -156,19 +163,27 @@ def run_worker(
 
 
 def _claim(
-    url: str, experiment: str, studies: dict[str, tuple[optuna.Study, StudySettings]]
+    url: str,
+    experiment: str,
+    studies: dict[str, tuple[optuna.Study, StudySettings]],
+    seed: int,
 ) -> tuple[optuna.Study, StudySettings, optuna.Trial] | None:
-    """Atomically asks for a trial in the study with the most room, if any has room."""
+    """Atomically asks for a trial in the study with the most room, if any has room.
+
+    The new trial's number is the study's trial count, read under the lock
+    that serialises every claim, so it seeds the trial's sampler uniquely.
+    """
     with budget_lock(url, experiment):
         room = []
         counts = trial_counts([study for study, _ in studies.values()])
-        for (study, settings), count in zip(studies.values(), counts, strict=True):
+        for (optimizer, (study, settings)), count in zip(studies.items(), counts, strict=True):
             claimed = sum(count[state] for state in CLAIMED)
             if claimed < settings.budget:
-                room.append((claimed / settings.budget, study.study_name, study, settings))
+                room.append((claimed / settings.budget, optimizer, study, settings, count))
         if not room:
             return None
-        _, _, study, settings = min(room, key=lambda entry: entry[:2])
+        _, optimizer, study, settings, count = min(room, key=lambda entry: entry[:2])
+        study.sampler = trial_sampler(seed, optimizer, sum(count.values()))
         return study, settings, ask(study)
 
 
@@ -275,5 +290,15 @@ def _curves(result: TrainResult) -> dict[str, Any]:
     return curves
 
 
-def _sampler_seed(seed: int, worker_id: int, optimizer: str) -> int:
-    return (seed * 1_000_003 + worker_id * 7_919 + zlib.crc32(optimizer.encode())) % 2**31
+def trial_sampler(seed: int, optimizer: str, trial_number: int) -> optuna.samplers.BaseSampler:
+    """The TPE sampler that proposes trial ``trial_number`` of ``optimizer``'s study.
+
+    Seeded by the trial's number, not by the process: a seed per process made a
+    restarted worker, a resumed sweep and a second driver on the same experiment
+    replay the same random draws, and so evaluate the same configurations
+    again. A number belongs to one trial only, so no two trials share draws,
+    while a sweep with one worker stays reproducible from ``seed``.
+    ``constant_liar`` keeps parallel workers from piling onto one region.
+    """
+    key = f"{seed}:{optimizer}:{trial_number}".encode()
+    return optuna.samplers.TPESampler(seed=zlib.crc32(key), constant_liar=True)

@@ -274,9 +274,10 @@ def test_a_killed_workers_last_trial_is_reaped_and_retried(pg_url: str) -> None:
     killed = running[0]
     killed_study = "adam" if killed.params.keys() == {"lr"} else "svd-adam"
 
-    # A fresh worker fills every other slot, then waits for the dead trial's
-    # grace period and runs its parameters again, although it was the last one.
-    summary = run_worker(pg_url, "kill", worker_id=1, objective=objective, poll_seconds=0.5)
+    # The worker starts again, as Ray restarts a killed task: same id, same seed.
+    # It fills every other slot, then waits for the dead trial's grace period
+    # and runs its parameters again, although it was the last one.
+    summary = run_worker(pg_url, "kill", worker_id=7, objective=objective, poll_seconds=0.5)
     assert len(summary.trials) == 4
     for optimizer in OPTIMIZERS:
         counts = _states(pg_url, "kill", optimizer)
@@ -286,6 +287,72 @@ def test_a_killed_workers_last_trial_is_reaped_and_retried(pg_url: str) -> None:
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params == killed.params
+    assert_each_configuration_completed_once(pg_url, "kill")
+
+
+def assert_each_configuration_completed_once(url: str, experiment: str) -> None:
+    """No two COMPLETE trials of a study share parameters (a FAIL trial's retry is its one run)."""
+    for optimizer in OPTIMIZERS:
+        seen: dict[tuple[tuple[str, Any], ...], int] = {}
+        for trial in _trials(url, experiment, optimizer):
+            if trial.state != TrialState.COMPLETE:
+                continue
+            key = tuple(sorted(trial.params.items()))
+            assert key not in seen, (
+                f"{optimizer}: trials {seen[key]} and {trial.number} both ran {dict(key)}"
+            )
+            seen[key] = trial.number
+
+
+def test_a_resumed_sweep_adds_new_configurations(tmp_path: Path) -> None:
+    """Trials 2 and 3 of a sweep resumed with a larger budget are not trials 0 and 1 again."""
+    url = f"sqlite:///{tmp_path}/grow.db"
+    for trials in (2, 4):
+        spec = SweepSpec(storage=url, experiment="grow", trials=trials, workers=1, trial_epochs=1)
+        run_sweep(spec, objective=objective, progress=False)
+    for optimizer in OPTIMIZERS:
+        assert _states(url, "grow", optimizer)["COMPLETE"] == 4
+    assert_each_configuration_completed_once(url, "grow")
+
+
+def test_two_drivers_on_one_experiment_propose_different_configurations(pg_url: str) -> None:
+    """Each driver's worker 0, same seed, at the same time: still no configuration twice."""
+    spec = SweepSpec(storage=pg_url, experiment="twice", trials=6)
+    create_or_resume(pg_url, "twice", spec.study_settings())
+    errors: list[BaseException] = []
+
+    def driver_worker(seconds: float) -> None:
+        # Trials of different lengths, so that both drivers claim from both studies.
+        slower = functools.partial(objective, seconds=seconds)
+        try:
+            run_worker(pg_url, "twice", worker_id=0, seed=0, objective=slower)
+        except Exception as error:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=driver_worker, args=(s,)) for s in (0.05, 0.13)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and not any(thread.is_alive() for thread in threads), errors
+    for optimizer in OPTIMIZERS:
+        assert _states(pg_url, "twice", optimizer)["COMPLETE"] == 6
+    trials = _trials(pg_url, "twice", "adam") + _trials(pg_url, "twice", "svd-adam")
+    assert len({t.user_attrs["worker_pid"] for t in trials}) == 1  # one process, two "drivers"
+    assert_each_configuration_completed_once(pg_url, "twice")
+
+
+def test_a_trials_sampler_is_reproducible_and_unique_to_its_number() -> None:
+    from svdsweep.worker import trial_sampler
+
+    def first_draw(seed: int, optimizer: str, number: int) -> float:
+        study = optuna.create_study(sampler=trial_sampler(seed, optimizer, number))
+        return study.ask().suggest_float("lr", 1e-5, 1e-1, log=True)
+
+    assert first_draw(0, "adam", 3) == first_draw(0, "adam", 3)
+    draws = {first_draw(seed, optimizer, number)
+             for seed in (0, 1) for optimizer in OPTIMIZERS for number in range(5)}  # fmt: skip
+    assert len(draws) == 20
 
 
 def _running(url: str, experiment: str, with_attr: str) -> list[optuna.trial.FrozenTrial]:
