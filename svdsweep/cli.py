@@ -24,8 +24,9 @@ from typing import Annotated, Any, TypeVar
 
 import click
 import typer
+from typer.exceptions import TyperException
 
-from svdsweep.errors import UserError
+from svdsweep.errors import ConfigError, UserError
 from svdsweep.report import ReportSpec
 from svdsweep.space import SearchSpace
 from svdsweep.studies import DEFAULT_EXPERIMENT
@@ -61,7 +62,7 @@ def friendly_errors(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (typer.Exit, typer.Abort, TyperException, click.ClickException):
             raise
         except (UserError, PermissionError) as error:
             message = " ".join(str(error).split()) or type(error).__name__
@@ -125,15 +126,27 @@ def train(
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
     """Train one model and print per-epoch metrics."""
-    from svdsweep.progress import epoch_progress
+    from svdsweep.data import load_splits
+    from svdsweep.progress import epoch_progress, say
+    from svdsweep.train import resolve_device
     from svdsweep.train import train as run_training
 
     config = given(
         TrainConfig, locals(), evaluate_test=test, data_dir=str(data_dir) if data_dir else None
     )
     label = optimizer if optimizer == "adam" else f"{optimizer} k={k}"
+    resolved = resolve_device(config.device)
+    say(f"loading {config.dataset} ...", not as_json)
+    splits = load_splits(
+        config.dataset, data_dir=config.data_dir, device=resolved, train_subset=train_subset
+    )
+    say(
+        f"{label} lr={lr:g}: {epochs} epochs on {len(splits.train_y):,} training images "
+        f"(validation {len(splits.val_y):,}), {config.model}, device {resolved}",
+        not as_json,
+    )
     with epoch_progress(f"{label} lr={lr:g}", epochs, quiet=as_json) as report:
-        result = run_training(config, report=report)
+        result = run_training(config, report=report, splits=splits)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     elif result.test_acc is not None:
@@ -287,16 +300,30 @@ def worker(
 @friendly_errors
 def status(
     storage: StorageOption = None,
-    experiment: ExperimentOption = DEFAULT_EXPERIMENT,
+    experiment: Annotated[
+        str | None,
+        typer.Option("--experiment", help="one experiment (default: every one in the storage)"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
 ) -> None:
     """Trials per state, best value and best parameters of both studies."""
-    from svdsweep.studies import experiment_status
+    from svdsweep.storage import open_storage
+    from svdsweep.studies import experiment_status, list_experiments
 
-    result = experiment_status(storage, experiment)
-    if as_json:
-        typer.echo(json.dumps([study.to_dict() for study in result], indent=2))
+    if experiment:
+        experiments, results = [experiment], [experiment_status(storage, experiment)]
     else:
+        opened = open_storage(storage, heartbeat=False, create=False)
+        experiments = list_experiments(opened)
+        results = [experiment_status(storage, name, storage=opened) for name in experiments]
+    if as_json:
+        typer.echo(
+            json.dumps([study.to_dict() for result in results for study in result], indent=2)
+        )
+        return
+    for name, result in zip(experiments, results, strict=True):
+        if len(experiments) > 1:
+            typer.echo(f"experiment {name}")
         _print_status(result)
 
 
@@ -305,7 +332,8 @@ def _print_status(result: list[Any]) -> None:
 
     from svdsweep.sweep import status_table
 
-    Console().print(status_table(result))
+    # Piped or logged, rich would assume 80 columns and cut the table.
+    Console(width=None if sys.stdout.isatty() else 240).print(status_table(result))
 
 
 @app.command()
@@ -324,6 +352,8 @@ def dashboard(
 
     from svdsweep.storage import open_storage
 
+    check_listen_address(host, port)
+
     # Unlike the reporter, no default directory: without one, no artifacts are shown.
     directory = artifact_dir or _env_path("SVDSWEEP_ARTIFACT_DIR")
     store = None
@@ -335,6 +365,27 @@ def dashboard(
     opened = open_storage(storage, heartbeat=False, create=False)
     typer.echo(f"optuna-dashboard on http://{host}:{port}/ (Ctrl-C to stop)", err=True)
     optuna_dashboard.run_server(opened, host=host, port=port, artifact_store=store)
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """:class:`ConfigError` now, rather than a server's traceback, if ``host:port`` can't listen."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port must be in 1..65535, got {port}")
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as error:
+        raise ConfigError(f"--host {host!r} is not an address of this machine: {error}") from None
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise ConfigError(
+                f"cannot listen on {host}:{port}: {error.strerror or error}"
+                + (" (another server has it; pick another --port)" if port else "")
+            ) from None
 
 
 ArtifactDirOption = Annotated[
@@ -435,7 +486,22 @@ def main() -> None:
     # Optuna logs every study creation at INFO; the CLI prints what matters itself.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(app())
+    try:
+        code = app(standalone_mode=False)
+    except TyperException as error:  # typer's own click: bad flags, or none at all
+        context = getattr(error, "ctx", None)
+        if type(error).__name__ == "NoArgsIsHelpError":
+            code = 0  # typer has printed the help
+        else:
+            # A flag typed wrong: one line, like every other user error, not a boxed usage text.
+            path = context.command_path if context is not None else "svdsweep"
+            message = " ".join(error.format_message().split())
+            typer.echo(f"error: {path}: {message} (see {path} --help)", err=True)
+            code = USER_ERROR
+    except typer.Abort:
+        typer.echo("interrupted", err=True)
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ __all__ = [
     "budget_lock",
     "has_studies_table",
     "is_transient",
+    "lock_directory",
     "reason",
     "redact",
     "resolve_storage_url",
@@ -63,8 +64,22 @@ def retry_seconds() -> float:
     return float(os.environ.get("SVDSWEEP_RETRY_SECONDS") or RETRY_SECONDS)
 
 
+#: Database drivers svdsweep runs on, by backend: what it installs (psycopg2-binary)
+#: and Python's own sqlite3; its locks and retries are written for these.
+SUPPORTED_DRIVERS = {"postgresql": ("psycopg2",), "sqlite": ("pysqlite",)}
+
+
 def resolve_storage_url(url: str | None = None) -> str:
-    """``url``, else ``$SVDSWEEP_STORAGE``, else :data:`DEFAULT_STORAGE`; validated."""
+    """``url``, else ``$SVDSWEEP_STORAGE``, else :data:`DEFAULT_STORAGE`; validated.
+
+    An empty ``url`` is an error rather than "not given": ``--storage ""``
+    (say, from an unset shell variable) must not quietly use ./svdsweep.db.
+    """
+    if url is not None and not url.strip():
+        raise StorageError(
+            "--storage is empty; give a URL such as sqlite:///svdsweep.db or "
+            "postgresql+psycopg2://user@host:5432/db, or leave it out for the default"
+        )
     resolved = url or os.environ.get("SVDSWEEP_STORAGE") or DEFAULT_STORAGE
     try:
         parsed = sqlalchemy.engine.make_url(resolved)
@@ -78,6 +93,11 @@ def resolve_storage_url(url: str | None = None) -> str:
         raise StorageError(
             f"unsupported storage {redact(resolved)}: svdsweep needs sqlite:/// or "
             "postgresql+psycopg2:// (exact trial budgets rely on their locks)"
+        )
+    if parsed.get_driver_name() not in SUPPORTED_DRIVERS[backend]:
+        raise StorageError(
+            f"unsupported database driver {parsed.drivername!r} in {redact(resolved)}; "
+            "svdsweep runs on sqlite:///FILE and postgresql:// (= postgresql+psycopg2://)"
         )
     if backend == "sqlite" and parsed.database in (None, "", ":memory:"):
         raise StorageError("an in-memory SQLite storage cannot be shared by workers; give a file")
@@ -154,8 +174,11 @@ def budget_lock(url: str, name: str) -> Iterator[None]:
     """A lock shared by every process using this storage, for claiming trial slots.
 
     PostgreSQL: a session-level advisory lock on a dedicated connection, freed
-    by the server if the holder dies. SQLite: an exclusive lock on a file next
-    to the database (SQLite storages are single-machine by nature).
+    by the server if the holder dies. SQLite: an exclusive lock on a file in
+    :func:`lock_directory`, named after the database's path and ``name``
+    (SQLite storages are single-machine by nature). Not next to the database:
+    lock files cannot be deleted safely after use, so they would pile up in
+    the user's working directory, and a long ``name`` would overflow a file name.
     """
     parsed = sqlalchemy.engine.make_url(url)
     if parsed.get_backend_name() == "postgresql":
@@ -174,9 +197,23 @@ def budget_lock(url: str, name: str) -> Iterator[None]:
     else:
         from filelock import FileLock
 
-        database = Path(parsed.database or "svdsweep.db")
-        with FileLock(str(database.with_name(database.name + f".{_slug(name)}.lock"))):
+        database = Path(parsed.database or "svdsweep.db").resolve()
+        digest = hashlib.sha256(f"{database}\0{name}".encode()).hexdigest()[:24]
+        directory = lock_directory()
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with FileLock(str(directory / f"{_slug(database.stem)[:40]}-{digest}.lock")):
             yield
+
+
+def lock_directory() -> Path:
+    """Where SQLite storages' lock files live: one directory per user in the temp dir.
+
+    Every process of the user on this machine finds the same one, whatever its
+    working directory, ``$HOME`` or cache settings (Ray workers included).
+    """
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"svdsweep-locks-{os.getuid()}"
 
 
 _lock_engines: dict[str, sqlalchemy.engine.Engine] = {}

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from svdsweep.cluster import local_ray
-from svdsweep.database import DEFAULT_STORAGE, redact
+from svdsweep.database import DEFAULT_STORAGE, redact, resolve_storage_url
 from svdsweep.errors import ConfigError
 from svdsweep.progress import say
 from svdsweep.report import (
@@ -31,6 +31,7 @@ from svdsweep.report import (
     check_outputs,
     resolve_artifact_dir,
 )
+from svdsweep.studies import check_resumable
 from svdsweep.sweep import SweepSpec, run_sweep
 
 __all__ = ["PRESETS", "Preset", "run_job"]
@@ -120,7 +121,8 @@ def run_job(
     changed = {name: value for name, value in overrides.items() if value is not None}
     if changed:
         sizes = replace(sizes, **changed, expected="sizes overridden by flags")
-    url = storage or DEFAULT_STORAGE
+    # `run` keeps to its own default rather than $SVDSWEEP_STORAGE; "" is an error.
+    url = resolve_storage_url(DEFAULT_STORAGE if storage is None else storage)
     report_spec = ReportSpec(  # validates --epochs and --seeds
         storage=url,
         experiment=sizes.experiment,
@@ -140,6 +142,9 @@ def run_job(
         ray_address="local",
         ray_node_ip=ray_node_ip,
     )
+    # Everything that can be checked, before anything is written and before Ray starts
+    # (~10 s): the storage URL, the database's reachability, any existing studies.
+    check_resumable(url, sweep_spec.experiment, sweep_spec.study_settings())
     check_outputs(out, report_spec.artifact_dir or Path())
     say(f"{sizes.describe()}; storage {redact(url)}", progress)
     with local_ray(ray_node_ip):

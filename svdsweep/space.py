@@ -59,6 +59,12 @@ class SearchSpace:
             )
 
 
+#: Largest trial budget per study. TPE fits its densities to every earlier trial
+#: at each proposal, and the sweep's status polls count them all: 10,000 trials
+#: already take days of proposals and orders of magnitude beyond any budget used.
+MAX_BUDGET = 10_000
+
+
 @dataclass(frozen=True)
 class StudySettings:
     """What a study searches and how each of its trials trains (fixed per study).
@@ -89,6 +95,11 @@ class StudySettings:
             raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
             raise ConfigError(f"the trial budget must be a positive int, got {self.budget!r}")
+        if self.budget > MAX_BUDGET:
+            raise ConfigError(
+                f"the trial budget must be at most {MAX_BUDGET} per study, got {self.budget}: "
+                "TPE's cost per trial grows with the trials before it; run more experiments instead"
+            )
         # Validates epochs, dataset, model, method, batch size and subset.
         self.train_config({"lr": self.space.lr_low, "k": self.space.k_low})
 

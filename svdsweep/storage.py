@@ -35,7 +35,14 @@ import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from svdsweep.database import StorageError, reason, redact, resolve_storage_url, retrying
+from svdsweep.database import (
+    StorageError,
+    has_studies_table,
+    reason,
+    redact,
+    resolve_storage_url,
+    retrying,
+)
 
 __all__ = [
     "OPTUNA_INTERNALS",
@@ -119,6 +126,13 @@ def open_storage(
     backend = parsed.get_backend_name()
     if backend == "sqlite" and not create and not Path(parsed.database or "").is_file():
         raise StorageError(f"no SQLite storage at {Path(parsed.database or '').resolve()}")
+    if not create and not has_studies_table(resolved):
+        # Opening an RDBStorage creates Optuna's tables: a command that only
+        # reads must not leave them in a database the user merely pointed at.
+        raise StorageError(
+            f"no Optuna studies in {redact(resolved)} (it has no Optuna tables); "
+            "run `svdsweep sweep` or `svdsweep run` on it first, or check --storage"
+        )
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if backend == "postgresql":
         engine_kwargs["connect_args"] = {"connect_timeout": 5}

@@ -9,6 +9,8 @@ cannot be resumed with another search space by mistake.
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -24,11 +26,13 @@ from svdsweep.train import OPTIMIZERS
 
 __all__ = [
     "DEFAULT_EXPERIMENT",
+    "OBJECTIVE_NAME",
     "ExperimentError",
     "StudyStatus",
     "check_resumable",
     "create_or_resume",
     "experiment_status",
+    "list_experiments",
     "load_settings",
     "study_name",
 ]
@@ -41,7 +45,33 @@ class ExperimentError(ConfigError):
     """A study is missing, or exists with other settings than requested."""
 
 
+#: An experiment name: it names studies (Optuna keeps 512 characters) and
+#: appears in lock names, commands and file names, so it is kept short and plain.
+EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+#: What a trial's value is, as optuna-dashboard and ``optuna`` show it (else "Objective 0").
+OBJECTIVE_NAME = "validation loss, last epoch"
+
+
+def _name_objective(study: optuna.Study) -> None:
+    with warnings.catch_warnings():  # set_metric_names is "experimental" in Optuna 5
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([OBJECTIVE_NAME])
+
+
 def study_name(experiment: str, optimizer: str) -> str:
+    """``<experiment>-<optimizer>``; :class:`ExperimentError` for a name that cannot be one.
+
+    Every command derives study names from the experiment before it reads or
+    writes the storage, so a bad name is refused before anything is written.
+    """
+    if not EXPERIMENT_NAME.fullmatch(experiment):
+        shown = experiment if len(experiment) <= 40 else experiment[:40] + "..."
+        raise ExperimentError(
+            f"bad experiment name {shown!r} ({len(experiment)} characters): use 1-100 "
+            "letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
     return f"{experiment}-{optimizer}"
 
 
@@ -68,6 +98,8 @@ def create_or_resume(storage_url: str, experiment: str, settings: list[StudySett
             )
         )
         retrying(partial(study.set_user_attr, SETTINGS_ATTR, study_settings.to_json()))
+        if study.metric_names != [OBJECTIVE_NAME]:  # what optuna-dashboard calls the value
+            retrying(partial(_name_objective, study))
         names.append(name)
     return names
 
@@ -167,6 +199,24 @@ class StudyStatus:
         }
 
 
+def list_experiments(storage: Any) -> list[str]:
+    """Names of the experiments in ``storage``: those with an ``-adam`` or ``-svd-adam`` study."""
+    names = retrying(lambda: [s.study_name for s in storage.get_all_studies()])
+    suffixes = [f"-{optimizer}" for optimizer in sorted(OPTIMIZERS, key=len, reverse=True)]
+    found = set()
+    for name in names:
+        for suffix in suffixes:  # longest first: "x-svd-adam" is x's, not "x-svd"'s
+            if name.endswith(suffix) and EXPERIMENT_NAME.fullmatch(name[: -len(suffix)]):
+                found.add(name[: -len(suffix)])
+                break
+    if not found:
+        raise ExperimentError(
+            f"no svdsweep experiments in {redact(storage.url)}"
+            + (f"; studies there: {', '.join(sorted(names))}" if names else "")
+        )
+    return sorted(found)
+
+
 def experiment_status(
     storage_url: str | None, experiment: str, *, storage: Any = None
 ) -> list[StudyStatus]:
@@ -180,9 +230,12 @@ def experiment_status(
     names = retrying(lambda: {s.study_name for s in storage.get_all_studies()})
     wanted = [opt for opt in OPTIMIZERS if study_name(experiment, opt) in names]
     if not wanted:
+        try:
+            others = "; experiments there: " + ", ".join(list_experiments(storage))
+        except ExperimentError:
+            others = ""
         raise ExperimentError(
-            f"no studies of experiment {experiment!r} in {redact(storage.url)}"
-            + (f"; experiments there: {', '.join(sorted(names))}" if names else "")
+            f"no studies of experiment {experiment!r} in {redact(storage.url)}{others}"
         )
     return [_study_status(storage, experiment, optimizer) for optimizer in wanted]
 

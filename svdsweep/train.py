@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import platform
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -45,6 +46,12 @@ ReportCallback = Callable[[int, dict[str, float]], None]
 
 class TrainingDiverged(UserError, ArithmeticError):
     """The loss or a gradient became NaN/inf: the learning rate is too high for this run."""
+
+
+#: Largest seed every generator a run seeds accepts (NumPy's are 32-bit).
+MAX_SEED = 2**32 - 1
+#: Devices a run can train on: ``auto`` picks the Ray-assigned GPU, else the CPU.
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,12 @@ class TrainConfig:
             raise ConfigError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.train_subset is not None and self.train_subset < 1:
             raise ConfigError(f"train_subset must be positive, got {self.train_subset!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an int, got {self.seed!r}")
+        if not 0 <= self.seed <= MAX_SEED:  # what torch and NumPy generators accept
+            raise ConfigError(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
+        if not DEVICE_PATTERN.fullmatch(str(self.device)):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

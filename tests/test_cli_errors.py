@@ -19,7 +19,9 @@ def _status(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> tuple[int,
         raise error
 
     monkeypatch.setattr(studies, "experiment_status", broken)
-    result = CliRunner().invoke(cli.app, ["status", "--storage", "sqlite:///unused.db"])
+    result = CliRunner().invoke(
+        cli.app, ["status", "--storage", "sqlite:///unused.db", "--experiment", "x"]
+    )
     return result.exit_code, result.stderr
 
 

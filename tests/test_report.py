@@ -22,7 +22,7 @@ import matplotlib.image
 import optuna
 import pytest
 import torch
-from conftest import fresh_database, svdsweep_cli
+from conftest import SVDSWEEP, fresh_database, svdsweep_cli
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
 from optuna_dashboard import get_note
 
@@ -362,11 +362,14 @@ def test_svdsweep_run_quick_end_to_end(module_env: dict[str, str], tmp_path: Pat
     for name in ("comparison.png", "report.md", "results.json"):
         assert (tmp_path / "results" / name).is_file()
         assert f"{tmp_path / 'results' / name}" in result.stdout
-    command = (
-        f"svdsweep dashboard --storage sqlite:///{tmp_path}/svdsweep.db "
+    program, arguments = result.stdout.strip().splitlines()[-1].strip().split(" ", 1)
+    assert arguments == (
+        f"dashboard --storage sqlite:///{tmp_path}/svdsweep.db "
         f"--artifact-dir {tmp_path}/svdsweep-artifacts"
     )
-    assert result.stdout.strip().splitlines()[-1].strip() == command
+    # It works as printed, from the user's shell: the program is found as written.
+    found = shutil.which(program, path=module_env.get("PATH"))
+    assert found and Path(found).resolve() == Path(SVDSWEEP).resolve(), program
     url = f"sqlite:///{tmp_path}/svdsweep.db"
     for optimizer in OPTIMIZERS:
         study = optuna.load_study(study_name=f"quick-{optimizer}", storage=url)
@@ -383,3 +386,15 @@ def test_svdsweep_run_refuses_bad_sizes_before_doing_anything(
     assert result.returncode == 1
     assert result.stderr.strip() == "error: --seeds must be a positive integer, got 0"
     assert list(tmp_path.iterdir()) == [], "no database, no results, no artifact store"
+
+
+def test_a_printed_command_names_the_script_when_path_does_not_find_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`.venv/bin/svdsweep run` without an active venv: bare `svdsweep` would not run."""
+    from svdsweep.report.artifacts import svdsweep_command
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert Path(svdsweep_command()).resolve() == Path(SVDSWEEP).resolve()
+    monkeypatch.setenv("PATH", f"{Path(SVDSWEEP).parent}:/usr/bin")
+    assert svdsweep_command() == "svdsweep"

@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy
 
 from svdsweep import storage as storage_module
-from svdsweep.database import budget_lock, is_transient, retrying
+from svdsweep.database import budget_lock, is_transient, lock_directory, retrying
 from svdsweep.storage import (
     OPTUNA_INTERNALS,
     forget_artifact,
@@ -222,7 +222,15 @@ def _held_alone(url: str, name: str, threads: int = 4, rounds: int = 5) -> list[
 def test_the_budget_lock_excludes_on_sqlite(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/lock.db"
     assert _held_alone(url, "exp") == []
-    assert (tmp_path / "lock.db.exp.lock").exists(), "a lock file next to the database"
+    assert list(tmp_path.iterdir()) == [], "no lock file left beside the database"
+    assert list(lock_directory().glob("lock-*.lock")), "the lock file is in the lock directory"
+
+
+def test_the_budget_lock_takes_any_experiment_name_on_sqlite(tmp_path: Path) -> None:
+    """A 300-character name once overflowed the lock file's name (ENAMETOOLONG)."""
+    url = f"sqlite:///{tmp_path}/lock.db"
+    assert _held_alone(url, "x" * 300, threads=2, rounds=2) == []
+    assert _held_alone(url, "../not/a/path", threads=2, rounds=2) == []
 
 
 def test_the_budget_lock_excludes_on_postgresql(pg_url: str) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import shutil
+import sys
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -82,13 +84,28 @@ def attach_artifacts(
     return uploaded
 
 
+def svdsweep_command() -> str:
+    """``svdsweep`` if this shell's PATH finds this installation, else its full path.
+
+    A user who ran ``.venv/bin/svdsweep run`` has no ``svdsweep`` on PATH, so a
+    printed command must name the script to work as printed.
+    """
+    installed = Path(sys.executable).with_name("svdsweep")
+    if not installed.exists():
+        return "svdsweep"
+    on_path = shutil.which("svdsweep")
+    if on_path and Path(on_path).resolve() == installed.resolve():
+        return "svdsweep"
+    return str(installed.absolute())
+
+
 def dashboard_command(storage_url: str, artifact_dir: Path, *, storage_given: bool = True) -> str:
     """The exact command that opens optuna-dashboard on this storage and artifact store.
 
     A relative SQLite path is made absolute, so the command works from any
     directory; a password is never printed (``$SVDSWEEP_STORAGE`` is then used).
     """
-    parts = ["svdsweep", "dashboard"]
+    parts = [svdsweep_command(), "dashboard"]
     parsed = sqlalchemy.engine.make_url(storage_url)
     if parsed.get_backend_name() == "sqlite" and parsed.database:
         storage_url = f"sqlite:///{Path(parsed.database).absolute()}"
