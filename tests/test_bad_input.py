@@ -53,8 +53,8 @@ CASES: dict[str, tuple[list[str], str]] = {
     ),
     "report on an empty PostgreSQL": (["report", "--storage", PG], "no Optuna studies in"),
     "dashboard on an empty PostgreSQL": (
-        ["dashboard", "--storage", PG, "--port", "0"],
-        "no Optuna",
+        ["dashboard", "--storage", PG, "--port", "{free}"],
+        "no Optuna studies in",
     ),
 }
 

@@ -32,7 +32,13 @@ from optuna.trial import TrialState
 
 from svdsweep.space import SearchSpace
 from svdsweep.storage import trial_id
-from svdsweep.studies import ExperimentError, create_or_resume, experiment_status, study_name
+from svdsweep.studies import (
+    OBJECTIVE_NAME,
+    ExperimentError,
+    create_or_resume,
+    experiment_status,
+    study_name,
+)
 from svdsweep.sweep import SweepSpec, run_sweep
 from svdsweep.train import OPTIMIZERS
 from svdsweep.worker import run_worker
@@ -490,6 +496,27 @@ def test_status_reports_counts_and_best_as_json(tmp_path: Path) -> None:
     assert missing.returncode == 1 and missing.stderr.startswith("error: no SQLite storage")
     assert not (tmp_path / "none.db").exists()
 
+    # Without --experiment: every experiment in the storage, each with its two studies,
+    # and the table whole although stdout is a pipe (rich would cut it at 80 columns).
+    run_sweep(
+        SweepSpec(storage=url, experiment="a-long-experiment-name", trials=1, trial_epochs=1),
+        objective=objective,
+        progress=False,
+    )
+    listed = svdsweep_cli("status", "--storage", url)
+    assert listed.returncode == 0, listed.stderr
+    assert "experiment st\n" in listed.stdout
+    assert "experiment a-long-experiment-name\n" in listed.stdout
+    long_names = ("a-long-experiment-name-adam", "a-long-experiment-name-svd-adam")
+    for name in ("st-adam", "st-svd-adam", *long_names):
+        assert name in listed.stdout
+    assert "…" not in listed.stdout, listed.stdout  # nothing elided
+    both = json.loads(svdsweep_cli("status", "--storage", url, "--json").stdout)
+    assert sorted(s["study"] for s in both) == sorted(["st-adam", "st-svd-adam", *long_names])
+    wrong = svdsweep_cli("status", "--storage", url, "--experiment", "quick")
+    assert wrong.returncode == 1
+    assert wrong.stderr.strip().endswith("there: a-long-experiment-name, st"), wrong.stderr
+
 
 @pytest.mark.slow
 def test_a_real_training_sweep_through_the_cli(tmp_path: Path) -> None:
@@ -659,7 +686,8 @@ def test_optuna_cli_and_optuna_dashboard_open_the_sweeps_storage(pg_url: str) ->
         trial = json.loads(best.stdout)
         expected = optuna.load_study(study_name=f"interop-{optimizer}", storage=pg_url).best_trial
         assert trial["number"] == expected.number
-        assert trial["value"] == pytest.approx(expected.value)
+        # The value carries its name (set_metric_names), as optuna-dashboard shows it.
+        assert trial["value"] == {OBJECTIVE_NAME: pytest.approx(expected.value)}
         assert set(trial["params"]) == ({"lr"} if optimizer == "adam" else {"lr", "k"})
 
     # optuna-dashboard's own command and storage loader, given only the URL.
