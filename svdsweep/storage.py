@@ -35,7 +35,7 @@ import sqlalchemy
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from svdsweep.database import StorageError, reason, redact, resolve_storage_url, retrying
+from svdsweep.database import StorageError, dialect, reason, redact, resolve_storage_url, retrying
 
 __all__ = [
     "OPTUNA_INTERNALS",
@@ -116,7 +116,7 @@ def open_storage(
     """
     resolved = resolve_storage_url(url)
     parsed = sqlalchemy.engine.make_url(resolved)
-    backend = parsed.get_backend_name()
+    backend = dialect(parsed)
     if backend == "sqlite" and not create and not Path(parsed.database or "").is_file():
         raise StorageError(f"no SQLite storage at {Path(parsed.database or '').resolve()}")
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
