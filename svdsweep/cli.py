@@ -79,6 +79,16 @@ def friendly_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def command(group: typer.Typer | None = None, name: str | None = None) -> Callable[[F], F]:
+    """Registers a function as a command of ``group`` (the top level), under the error policy."""
+
+    def register(function: F) -> F:
+        (group or app).command(name)(friendly_errors(function))
+        return function
+
+    return register
+
+
 def given(target: Callable[..., T], flags: dict[str, Any], **converted: Any) -> T:
     """``target`` called with the flags it takes, by name, and ``converted`` ones.
 
@@ -90,17 +100,36 @@ def given(target: Callable[..., T], flags: dict[str, Any], **converted: Any) -> 
     return target(**{**picked, **converted})
 
 
-DataDirOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--data-dir",
-        help="Directory with the idx files (else $SVDSWEEP_DATA_DIR, Debian's package, download).",
-    ),
+#: The flags several commands share, with their help (what the default is, in order).
+HELP = {
+    "data-dir": "Directory with the idx files "
+    "(else $SVDSWEEP_DATA_DIR, Debian's package, download).",
+    "storage": "Optuna storage URL (else $SVDSWEEP_STORAGE, else sqlite:///svdsweep.db)",
+    "experiment": "names the pair of studies: <NAME>-adam, <NAME>-svd-adam",
+    "ray-address": "auto, HOST:PORT of a Ray cluster, or local (else $RAY_ADDRESS)",
+    "ray-node-ip": "node address of this process's Ray (else $SVDSWEEP_RAY_NODE_IP; else "
+    "127.0.0.1, all on loopback, for a Ray started here, and 127.0.0.2 to join a cluster)",
+    "artifact-dir": "Optuna artifact store for the figure and report "
+    "(else $SVDSWEEP_ARTIFACT_DIR, else ./svdsweep-artifacts)",
+    "out": "results directory: comparison.png, report.md, results.json (replaced)",
+}
+DataDirOption = Annotated[Path | None, typer.Option("--data-dir", help=HELP["data-dir"])]
+StorageOption = Annotated[str | None, typer.Option("--storage", help=HELP["storage"])]
+ExperimentOption = Annotated[str, typer.Option("--experiment", help=HELP["experiment"])]
+RayAddressOption = Annotated[str | None, typer.Option("--ray-address", help=HELP["ray-address"])]
+RayNodeIpOption = Annotated[str | None, typer.Option("--ray-node-ip", help=HELP["ray-node-ip"])]
+ArtifactDirOption = Annotated[
+    Path | None, typer.Option("--artifact-dir", help=HELP["artifact-dir"])
 ]
+OutOption = Annotated[Path, typer.Option("--out", help=HELP["out"])]
+DatasetOption = Annotated[str, typer.Option(help="fashion-mnist or mnist")]
+ModelOption = Annotated[str, typer.Option(help="mlp or cnn")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda")]
+SubsetOption = Annotated[int | None, typer.Option(help="train on the first N training images only")]
+JsonOption = Annotated[bool, typer.Option("--json", help="print as JSON instead of a table")]
 
 
-@app.command()
-@friendly_errors
+@command()
 def train(
     optimizer: Annotated[str, typer.Option(help="adam or svd-adam")] = TrainConfig.optimizer,
     lr: Annotated[float, typer.Option(help="Adam learning rate")] = TrainConfig.lr,
@@ -113,17 +142,15 @@ def train(
     ),
     batch_size: Annotated[int, typer.Option(help="images per step")] = TrainConfig.batch_size,
     seed: Annotated[int, typer.Option(help="model init and batch order")] = TrainConfig.seed,
-    dataset: Annotated[str, typer.Option(help="fashion-mnist or mnist")] = TrainConfig.dataset,
-    model: Annotated[str, typer.Option(help="mlp or cnn")] = TrainConfig.model,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = TrainConfig.device,
-    train_subset: Annotated[
-        int | None, typer.Option(help="train on the first N training images only")
-    ] = TrainConfig.train_subset,
+    dataset: DatasetOption = TrainConfig.dataset,
+    model: ModelOption = TrainConfig.model,
+    device: DeviceOption = TrainConfig.device,
+    train_subset: SubsetOption = TrainConfig.train_subset,
     test: Annotated[
         bool, typer.Option("--test/--no-test", help="also evaluate the test set")
     ] = False,
     data_dir: DataDirOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Train one model and print per-epoch metrics."""
     from svdsweep.data import load_splits
@@ -153,19 +180,18 @@ def train(
         typer.echo(f"test loss {result.test_loss:.4f}  test acc {result.test_acc:.2%}")
 
 
-@bench_app.command("optimizer")
-@friendly_errors
+@command(bench_app, "optimizer")
 def bench_optimizer(
     epochs: Annotated[int, typer.Option(help="timed epochs per configuration")] = 2,
     k: Annotated[int, typer.Option(help="rank kept")] = 9,
-    model: Annotated[str, typer.Option(help="mlp or cnn")] = "mlp",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    model: ModelOption = "mlp",
+    device: DeviceOption = "auto",
     quality_steps: Annotated[
         int, typer.Option(help="training steps over which approximation quality is sampled")
     ] = 400,
-    train_subset: Annotated[int | None, typer.Option(help="first N training images only")] = None,
+    train_subset: SubsetOption = None,
     data_dir: DataDirOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the figures as JSON")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Epoch time of every method as a ratio to Adam, and its quality against exact SVD."""
     from svdsweep.bench import print_report, run_optimizer_benchmark
@@ -182,8 +208,7 @@ def bench_optimizer(
         print_report(figures)
 
 
-@bench_app.command("sweep")
-@friendly_errors
+@command(bench_app, "sweep")
 def bench_sweep(
     storage: Annotated[
         str | None, typer.Option(help="storage URL; PostgreSQL is the deployment path")
@@ -193,9 +218,9 @@ def bench_sweep(
     real_trials: Annotated[int, typer.Option(help="real trials per study")] = 2,
     real_epochs: Annotated[int, typer.Option(help="epochs of each real trial")] = 5,
     repeats: Annotated[int, typer.Option(help="alternating no-op runs of each; medians")] = 3,
-    train_subset: Annotated[int | None, typer.Option(help="first N training images only")] = None,
+    train_subset: SubsetOption = None,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster (else local)")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print the figures as JSON")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """No-op trials/s against stock Optuna, and a real trial's time outside training."""
     from svdsweep.sweep_bench import print_sweep_report, run_sweep_benchmark
@@ -207,35 +232,7 @@ def bench_sweep(
         print_sweep_report(figures)
 
 
-StorageOption = Annotated[
-    str | None,
-    typer.Option(
-        "--storage",
-        help="Optuna storage URL (else $SVDSWEEP_STORAGE, else sqlite:///svdsweep.db)",
-    ),
-]
-ExperimentOption = Annotated[
-    str,
-    typer.Option("--experiment", help="names the pair of studies: <NAME>-adam, <NAME>-svd-adam"),
-]
-RayAddressOption = Annotated[
-    str | None,
-    typer.Option(
-        "--ray-address", help="auto, HOST:PORT of a Ray cluster, or local (else $RAY_ADDRESS)"
-    ),
-]
-RayNodeIpOption = Annotated[
-    str | None,
-    typer.Option(
-        "--ray-node-ip",
-        help="node address of this process's Ray (else $SVDSWEEP_RAY_NODE_IP; else 127.0.0.1,"
-        " all on loopback, for a Ray started here, and 127.0.0.2 to join a cluster)",
-    ),
-]
-
-
-@app.command()
-@friendly_errors
+@command()
 def sweep(
     storage: StorageOption = None,
     experiment: ExperimentOption = DEFAULT_EXPERIMENT,
@@ -252,12 +249,10 @@ def sweep(
     ray_address: RayAddressOption = None,
     ray_node_ip: RayNodeIpOption = None,
     trial_epochs: Annotated[int, typer.Option(help="epochs per trial")] = SweepSpec.trial_epochs,
-    dataset: Annotated[str, typer.Option(help="fashion-mnist or mnist")] = SweepSpec.dataset,
-    model: Annotated[str, typer.Option(help="mlp or cnn")] = SweepSpec.model,
+    dataset: DatasetOption = SweepSpec.dataset,
+    model: ModelOption = SweepSpec.model,
     method: Annotated[str, typer.Option(help="low-rank method of svd-adam")] = SweepSpec.method,
-    train_subset: Annotated[
-        int | None, typer.Option(help="train each trial on the first N images only")
-    ] = SweepSpec.train_subset,
+    train_subset: SubsetOption = SweepSpec.train_subset,
     seed: Annotated[
         int, typer.Option(help="training seed of every trial; seeds samplers")
     ] = SweepSpec.seed,
@@ -279,8 +274,7 @@ def sweep(
     _print_status(final)
 
 
-@app.command()
-@friendly_errors
+@command()
 def worker(
     storage: StorageOption = None,
     experiment: ExperimentOption = DEFAULT_EXPERIMENT,
@@ -296,15 +290,14 @@ def worker(
         typer.echo(f"{study} trial {number}: {state}")
 
 
-@app.command()
-@friendly_errors
+@command()
 def status(
     storage: StorageOption = None,
     experiment: Annotated[
         str | None,
         typer.Option("--experiment", help="one experiment (default: every one in the storage)"),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print as JSON")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Trials per state, best value and best parameters of both studies."""
     from svdsweep.storage import open_storage
@@ -336,8 +329,7 @@ def _print_status(result: list[Any]) -> None:
     Console(width=None if sys.stdout.isatty() else 240).print(status_table(result))
 
 
-@app.command()
-@friendly_errors
+@command()
 def dashboard(
     storage: StorageOption = None,
     artifact_dir: Annotated[
@@ -388,32 +380,15 @@ def check_listen_address(host: str, port: int) -> None:
             ) from None
 
 
-ArtifactDirOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--artifact-dir",
-        help="Optuna artifact store for the figure and report "
-        "(else $SVDSWEEP_ARTIFACT_DIR, else ./svdsweep-artifacts)",
-    ),
-]
-OutOption = Annotated[
-    Path,
-    typer.Option(
-        "--out", help="results directory: comparison.png, report.md, results.json (replaced)"
-    ),
-]
-
-
-@app.command()
-@friendly_errors
+@command()
 def report(
     storage: StorageOption = None,
     experiment: ExperimentOption = DEFAULT_EXPERIMENT,
+    out: OutOption = ReportSpec.out,
     epochs: Annotated[int, typer.Option(help="epochs of each final training")] = ReportSpec.epochs,
     seeds: Annotated[
         int, typer.Option(help="final trainings per optimizer, with seeds 1000, 1001, ...")
     ] = ReportSpec.seeds,
-    out: OutOption = ReportSpec.out,
     ray_address: RayAddressOption = None,
     ray_node_ip: RayNodeIpOption = None,
     gpus_per_run: Annotated[
@@ -429,8 +404,7 @@ def report(
     _print_outcome(outcome, storage_given=storage is not None)
 
 
-@app.command()
-@friendly_errors
+@command()
 def run(
     preset: Annotated[
         str, typer.Option(help="quick (~5 min on 2 CPU cores, 10k images) or paper (full)")
@@ -439,7 +413,7 @@ def run(
     trial_epochs: Annotated[int | None, typer.Option(help="epochs per trial")] = None,
     epochs: Annotated[int | None, typer.Option(help="epochs of each final training")] = None,
     seeds: Annotated[int | None, typer.Option(help="final trainings per optimizer")] = None,
-    train_subset: Annotated[int | None, typer.Option(help="train on the first N images")] = None,
+    train_subset: SubsetOption = None,
     experiment: Annotated[
         str | None, typer.Option(help="default: the preset's name (quick, paper)")
     ] = None,

@@ -36,7 +36,8 @@ __all__ = [
     "DEFAULT_STORAGE",
     "StorageError",
     "budget_lock",
-    "has_studies_table",
+    "dialect",
+    "has_optuna_schema",
     "is_transient",
     "lock_directory",
     "reason",
@@ -88,7 +89,7 @@ def resolve_storage_url(url: str | None = None) -> str:
             f"invalid storage URL {resolved!r}; expected e.g. sqlite:///svdsweep.db or "
             "postgresql+psycopg2://user:password@host:5432/db"
         ) from None
-    backend = parsed.get_backend_name()
+    backend = dialect(parsed)
     if backend not in ("sqlite", "postgresql"):
         raise StorageError(
             f"unsupported storage {redact(resolved)}: svdsweep needs sqlite:/// or "
@@ -112,15 +113,18 @@ def redact(url: str) -> str:
         return url
 
 
-def has_studies_table(url: str) -> bool:
-    """Whether the storage at ``url`` already holds Optuna's schema. Creates nothing.
+def has_optuna_schema(url: str) -> bool:
+    """Whether the storage at ``url`` already holds Optuna's whole schema. Creates nothing.
 
     Lets read-only checks run before a sweep writes anything: opening an
-    :class:`RDBStorage` would create the schema (and an SQLite file).
+    ``RDBStorage`` would create the schema (and an SQLite file). Optuna creates
+    its tables, then stamps ``alembic_version`` in a second transaction; a
+    storage opened between the two would create that table again, at the same
+    time, and one of them fails. So the schema counts only once both are there.
     Raises :class:`StorageError` when the database cannot be reached.
     """
     parsed = sqlalchemy.engine.make_url(url)
-    if parsed.get_backend_name() == "sqlite":
+    if dialect(parsed) == "sqlite":
         if not Path(parsed.database or "").is_file():
             return False
         connect_args: dict[str, Any] = {"timeout": 60}
@@ -131,11 +135,18 @@ def has_studies_table(url: str) -> bool:
     )
     try:
         with engine.connect() as connection:
-            return sqlalchemy.inspect(connection).has_table("studies")
+            inspector = sqlalchemy.inspect(connection)
+            return all(inspector.has_table(name) for name in ("studies", "alembic_version"))
     except Exception as error:  # noqa: BLE001 - any failure to connect is for the user to fix
         raise StorageError(f"cannot open storage {redact(url)}: {reason(error)}") from None
     finally:
         engine.dispose()
+
+
+def dialect(url: str | sqlalchemy.engine.URL) -> str:
+    """``sqlite`` or ``postgresql`` (or whatever else): the URL's scheme without its driver."""
+    parsed = sqlalchemy.engine.make_url(url) if isinstance(url, str) else url
+    return parsed.drivername.partition("+")[0]
 
 
 #: First and longest wait between two tries of :func:`retrying`, in seconds:
@@ -181,7 +192,7 @@ def budget_lock(url: str, name: str) -> Iterator[None]:
     the user's working directory, and a long ``name`` would overflow a file name.
     """
     parsed = sqlalchemy.engine.make_url(url)
-    if parsed.get_backend_name() == "postgresql":
+    if dialect(parsed) == "postgresql":
         key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
         engine = _lock_engine(url)
         with engine.connect() as connection:

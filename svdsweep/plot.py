@@ -34,7 +34,6 @@ __all__ = [
     "PANELS",
     "draw_comparison",
     "figure_info",
-    "format_params",
     "redraw",
     "save_comparison",
 ]
@@ -53,14 +52,6 @@ DATASET_NAMES = {"fashion-mnist": "Fashion-MNIST", "mnist": "MNIST"}
 COLORS = {"adam": "#1f77b4", "svd-adam": "#d62728"}
 FIGSIZE = (16.0, 5.0)  # inches
 DPI = 110
-
-
-def format_params(params: dict[str, Any]) -> str:
-    """``lr=0.00291, k=9``: how best parameters are written in the figure and the report."""
-    return ", ".join(
-        f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
-        for name, value in sorted(params.items(), key=lambda item: item[0] != "lr")
-    )
 
 
 def draw_comparison(results: Results) -> Figure:
@@ -153,6 +144,8 @@ def _mean_and_band(
 
 
 def _legend(results: Results, optimizer: str) -> str:
+    from svdsweep.report.stats import format_params
+
     label = f"{LABELS[optimizer]} ({format_params(results.studies[optimizer].best.params)})"
     summary = results.summary[optimizer].test_acc if optimizer in results.summary else None
     if summary and summary.n:

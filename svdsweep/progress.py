@@ -10,11 +10,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from svdsweep.train import ReportCallback
+if TYPE_CHECKING:
+    from svdsweep.train import ReportCallback
 
 __all__ = ["count_progress", "epoch_progress", "say", "stderr_console"]
 

@@ -37,6 +37,7 @@ from optuna.trial import TrialState
 
 from svdsweep.database import (
     StorageError,
+    dialect,
     has_studies_table,
     reason,
     redact,
@@ -123,7 +124,7 @@ def open_storage(
     """
     resolved = resolve_storage_url(url)
     parsed = sqlalchemy.engine.make_url(resolved)
-    backend = parsed.get_backend_name()
+    backend = dialect(parsed)
     if backend == "sqlite" and not create and not Path(parsed.database or "").is_file():
         raise StorageError(f"no SQLite storage at {Path(parsed.database or '').resolve()}")
     if not create and not has_studies_table(resolved):

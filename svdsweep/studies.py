@@ -18,7 +18,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from svdsweep.database import has_studies_table, redact, resolve_storage_url, retrying
+from svdsweep.database import has_optuna_schema, redact, resolve_storage_url, retrying
 from svdsweep.errors import ConfigError
 from svdsweep.space import SETTINGS_ATTR, StudySettings
 from svdsweep.storage import load_study, open_storage, trial_counts
@@ -114,7 +114,7 @@ def check_resumable(
     Returns the finished-trial count of each study that already exists, by name.
     """
     url = resolve_storage_url(storage_url)
-    if not has_studies_table(url):
+    if not has_optuna_schema(url):
         return {}
     storage = open_storage(url, heartbeat=False, create=False)
     existing = retrying(lambda: {s.study_name: s for s in storage.get_all_studies()})
@@ -225,8 +225,14 @@ def experiment_status(
     ``storage``: an already open storage for ``storage_url``, for callers that
     poll (the sweep driver, every second), so that each poll costs two queries
     per study rather than a new connection pool and every trial's attributes.
+    Reads only: a PostgreSQL database without Optuna's schema is left without
+    it (creating it would race with a sweep creating it at that moment).
     """
-    storage = storage or open_storage(storage_url, heartbeat=False, create=False)
+    if storage is None:
+        url = resolve_storage_url(storage_url)
+        if not url.startswith("sqlite") and not has_optuna_schema(url):
+            raise ExperimentError(f"no studies of experiment {experiment!r} in {redact(url)}")
+        storage = open_storage(url, heartbeat=False, create=False)
     names = retrying(lambda: {s.study_name for s in storage.get_all_studies()})
     wanted = [opt for opt in OPTIMIZERS if study_name(experiment, opt) in names]
     if not wanted:

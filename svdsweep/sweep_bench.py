@@ -30,6 +30,7 @@ import statistics
 import time
 import uuid
 from datetime import datetime
+from importlib.metadata import version
 from typing import Any
 
 import optuna
@@ -94,7 +95,7 @@ def run_sweep_benchmark(
         "workers": workers,
         "trials_per_study": trials,
         "repeats": repeats,
-        "optuna": optuna.__version__,
+        "optuna": version("optuna"),
     }
     with ray_session(ray_address, ray_node_ip) as ray:
         cpus = float(ray.cluster_resources().get("CPU", 1))

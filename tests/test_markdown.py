@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from svdsweep.plot import format_params, redraw
+from svdsweep.plot import redraw
 from svdsweep.report.markdown import dashboard_note, render_markdown
 from svdsweep.report.results import Results
+from svdsweep.report.stats import format_params
 
 PAPER = Path(__file__).resolve().parents[1] / "docs" / "results" / "results.json"
 

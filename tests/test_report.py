@@ -27,8 +27,9 @@ from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all
 from optuna_dashboard import get_note
 
 from svdsweep.cluster import LOCAL_RAY_NODE_IP, ray_session
-from svdsweep.plot import format_params, redraw
+from svdsweep.plot import redraw
 from svdsweep.report import FINAL_SEED_BASE, ReportOutcome, ReportSpec, build_report
+from svdsweep.report.stats import format_params
 from svdsweep.space import config_from_params
 from svdsweep.studies import create_or_resume, load_settings, study_name
 from svdsweep.sweep import SweepSpec, run_sweep

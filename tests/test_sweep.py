@@ -389,8 +389,10 @@ def _sweep_in_background(spec: SweepSpec, seconds_per_trial: float) -> Iterator[
         yield
     finally:
         thread.join(timeout=300)
+        # Raised here, it names the sweep's own failure even when the body failed first.
+        if "error" in outcome:
+            raise AssertionError(f"the sweep failed: {outcome['error']!r}") from outcome["error"]
     assert not thread.is_alive(), "the sweep did not finish"
-    assert "error" not in outcome, outcome.get("error")
 
 
 def test_the_sweep_survives_a_postgres_restart(pg_url: str) -> None:

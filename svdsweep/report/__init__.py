@@ -29,7 +29,7 @@ from pathlib import Path
 from svdsweep.cluster import ray_session
 from svdsweep.database import redact, resolve_storage_url
 from svdsweep.errors import ConfigError
-from svdsweep.plot import BAND, figure_info, format_params, redraw
+from svdsweep.plot import BAND, figure_info, redraw
 from svdsweep.progress import say
 from svdsweep.report.artifacts import (
     attach_artifacts,
@@ -41,6 +41,7 @@ from svdsweep.report.finals import FINAL_SEED_BASE, best_trials, final_configs, 
 from svdsweep.report.markdown import FIGURE, REPORT, dashboard_note, render_markdown
 from svdsweep.report.results import Protocol, Results, assemble
 from svdsweep.report.staging import RESULTS, ReportError, Staging
+from svdsweep.report.stats import format_params
 from svdsweep.storage import open_storage
 from svdsweep.studies import DEFAULT_EXPERIMENT
 
@@ -135,9 +136,7 @@ def build_report(spec: ReportSpec, *, progress: bool = True) -> ReportOutcome:
                 progress,
             )
         with ray_session(spec.ray_address, spec.ray_node_ip) as ray:
-            runs, placement = run_final_trainings(
-                ray, configs, spec.gpus_per_run, progress=progress
-            )
+            runs, hardware = run_final_trainings(ray, configs, spec.gpus_per_run, progress=progress)
         settings = next(iter(best.values())).settings
         assembled = assemble(
             experiment=spec.experiment,
@@ -155,7 +154,7 @@ def build_report(spec: ReportSpec, *, progress: bool = True) -> ReportOutcome:
             ),
             studies={optimizer: found.record() for optimizer, found in best.items()},
             runs=runs,
-            placement=placement,
+            hardware=hardware,
             figure=figure_info(FIGURE),
             started=started,
         )

@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 import sqlalchemy
 
-from svdsweep.database import retrying
+from svdsweep.database import dialect, retrying
 from svdsweep.report.staging import check_writable
 from svdsweep.storage import forget_artifact, study_id
 
@@ -107,7 +107,7 @@ def dashboard_command(storage_url: str, artifact_dir: Path, *, storage_given: bo
     """
     parts = [svdsweep_command(), "dashboard"]
     parsed = sqlalchemy.engine.make_url(storage_url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database:
+    if dialect(parsed) == "sqlite" and parsed.database:
         storage_url = f"sqlite:///{Path(parsed.database).absolute()}"
         storage_given = True
     elif parsed.password:

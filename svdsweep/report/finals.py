@@ -30,8 +30,9 @@ from svdsweep.progress import count_progress, say
 from svdsweep.report.results import (
     BestTrialRecord,
     ClusterNode,
+    Driver,
     FinalRun,
-    Placement,
+    Hardware,
     StudyRecord,
     cpu_model,
 )
@@ -186,8 +187,8 @@ def final_training(config: TrainConfig) -> FinalRun:
 
 def run_final_trainings(
     ray: Any, configs: list[TrainConfig], gpus_per_run: float | None, *, progress: bool = True
-) -> tuple[list[FinalRun], Placement]:
-    """Runs every config as a Ray task at once; returns the runs (in order) and their placement."""
+) -> tuple[list[FinalRun], Hardware]:
+    """Runs every config as a Ray task at once; returns the runs (in order) and where they ran."""
     resources = ray.cluster_resources()
     cluster_gpus = float(resources.get("GPU", 0))
     gpus = gpus_per_run if gpus_per_run is not None else (1.0 if cluster_gpus > 0 else 0.0)
@@ -219,7 +220,13 @@ def run_final_trainings(
         for ref in pending:
             ray.cancel(ref, force=True)
         raise
-    placement = Placement(
+    wall_s = round(time.time() - started, 3)
+    order = {(c.optimizer, c.seed): i for i, c in enumerate(configs)}
+    runs.sort(key=lambda run: order[(run.optimizer, run.seed)])
+    hardware = Hardware(
+        driver=Driver.here(),
+        run_devices=sorted({f"{run.device} ({run.device_name})" for run in runs}),
+        run_nodes=sorted({f"{run.host} ({run.node_ip})" for run in runs}),
         gpus_per_run=gpus,
         cpus_per_run=1,
         cluster_resources={k: v for k, v in resources.items() if k in ("CPU", "GPU")},
@@ -234,11 +241,9 @@ def run_final_trainings(
             for node in ray.nodes()
             if node.get("Alive")
         ],
-        wall_s=round(time.time() - started, 3),
+        wall_s=wall_s,
     )
-    order = {(c.optimizer, c.seed): i for i, c in enumerate(configs)}
-    runs.sort(key=lambda run: order[(run.optimizer, run.seed)])
-    return runs, placement
+    return runs, hardware
 
 
 def _result_of(ray: Any, ref: Any, config: TrainConfig) -> FinalRun:

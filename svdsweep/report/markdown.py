@@ -12,9 +12,8 @@ import shlex
 import statistics
 from pathlib import Path
 
-from svdsweep.plot import format_params
 from svdsweep.report.results import Results
-from svdsweep.report.stats import Spread, mean_curve, number, p_value
+from svdsweep.report.stats import Spread, format_params, mean_curve, number, p_value
 from svdsweep.train import OPTIMIZERS
 
 __all__ = ["FIGURE", "LABELS", "REPORT", "dashboard_note", "render_markdown"]

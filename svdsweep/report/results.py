@@ -180,10 +180,21 @@ class FigureInfo:
 
 @dataclass
 class Driver:
+    """The machine that ran the report."""
+
     host: str
     cpu_count: int | None
     cpu_model: str
     platform: str
+
+    @classmethod
+    def here(cls) -> Driver:
+        return cls(
+            host=socket.gethostname(),
+            cpu_count=os.cpu_count(),
+            cpu_model=cpu_model(),
+            platform=platform.platform(),
+        )
 
 
 @dataclass
@@ -194,18 +205,9 @@ class ClusterNode:
 
 
 @dataclass
-class Placement:
-    """How the final trainings were placed on the Ray cluster."""
-
-    gpus_per_run: float
-    cpus_per_run: int
-    cluster_resources: dict[str, float]
-    nodes: list[ClusterNode]
-    wall_s: float
-
-
-@dataclass
 class Hardware:
+    """Where the final trainings ran, and how they were placed on the Ray cluster."""
+
     driver: Driver
     run_devices: list[str]
     run_nodes: list[str]
@@ -281,7 +283,7 @@ def assemble(
     protocol: Protocol,
     studies: dict[str, StudyRecord],
     runs: list[FinalRun],
-    placement: Placement,
+    hardware: Hardware,
     figure: FigureInfo,
     started: float,
 ) -> Results:
@@ -325,24 +327,10 @@ def assemble(
         verdict=verdict,
         figure=figure,
         versions=versions(),
-        hardware=Hardware(
-            driver=Driver(
-                host=socket.gethostname(),
-                cpu_count=os.cpu_count(),
-                cpu_model=cpu_model(),
-                platform=platform.platform(),
-            ),
-            run_devices=sorted({f"{run.device} ({run.device_name})" for run in runs}),
-            run_nodes=sorted({f"{run.host} ({run.node_ip})" for run in runs}),
-            gpus_per_run=placement.gpus_per_run,
-            cpus_per_run=placement.cpus_per_run,
-            cluster_resources=placement.cluster_resources,
-            nodes=placement.nodes,
-            wall_s=placement.wall_s,
-        ),
+        hardware=hardware,
         durations=Durations(
             report_s=round(time.time() - started, 3),
-            final_trainings_wall_s=placement.wall_s,
+            final_trainings_wall_s=hardware.wall_s,
             final_trainings_task_s_sum=round(sum(b - a for a, b in tasks), 3),
             training_s_sum=round(sum(sum(run.epoch_seconds) for run in runs), 3),
             max_concurrent_runs=max_overlap(tasks),

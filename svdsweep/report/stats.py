@@ -4,7 +4,9 @@
 * :func:`welch_test`: Welch's t-test of SVD(Adam) against Adam, and Cohen's d;
 * :func:`conclude`: the outcome and the one-sentence verdict read off the test;
 * :func:`mean_curve` and :func:`max_overlap`: what the caveats and the
-  provenance say about curves and parallelism.
+  provenance say about curves and parallelism;
+* :func:`number`, :func:`p_value`, :func:`format_params`: how the report, the
+  figure and the verdict write them.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import statistics
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "ALPHA",
     "Spread",
     "WelchTest",
     "conclude",
+    "format_params",
     "max_overlap",
     "mean_curve",
     "spread",
@@ -172,6 +176,14 @@ def p_value(value: float | None) -> str:
     if value is None:
         return "nan"
     return f"{value:.3g}" if value >= 1e-3 else f"{value:.2e}"
+
+
+def format_params(params: dict[str, Any]) -> str:
+    """``lr=0.00291, k=9``: how best parameters are written in the figure and the report."""
+    return ", ".join(
+        f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
+        for name, value in sorted(params.items(), key=lambda item: item[0] != "lr")
+    )
 
 
 def _finite_or_none(value: float) -> float | None:
