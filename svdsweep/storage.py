@@ -38,7 +38,7 @@ from optuna.trial import TrialState
 from svdsweep.database import (
     StorageError,
     dialect,
-    has_studies_table,
+    has_optuna_schema,
     reason,
     redact,
     resolve_storage_url,
@@ -127,7 +127,7 @@ def open_storage(
     backend = dialect(parsed)
     if backend == "sqlite" and not create and not Path(parsed.database or "").is_file():
         raise StorageError(f"no SQLite storage at {Path(parsed.database or '').resolve()}")
-    if not create and not has_studies_table(resolved):
+    if not create and not has_optuna_schema(resolved):
         # Opening an RDBStorage creates Optuna's tables: a command that only
         # reads must not leave them in a database the user merely pointed at.
         raise StorageError(

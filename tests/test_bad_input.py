@@ -49,7 +49,7 @@ CASES: dict[str, tuple[list[str], str]] = {
     "status on an empty PostgreSQL": (["status", "--storage", PG], "no Optuna studies in"),
     "status of one experiment on an empty PostgreSQL": (
         ["status", "--storage", PG, "--experiment", "x"],
-        "no Optuna studies in",
+        "no studies of experiment 'x'",
     ),
     "report on an empty PostgreSQL": (["report", "--storage", PG], "no Optuna studies in"),
     "dashboard on an empty PostgreSQL": (
