@@ -163,7 +163,6 @@ def train(
     )
     label = optimizer if optimizer == "adam" else f"{optimizer} k={k}"
     resolved = resolve_device(config.device)
-    say(f"loading {config.dataset} ...", not as_json)
     splits = load_splits(
         config.dataset, data_dir=config.data_dir, device=resolved, train_subset=train_subset
     )
