@@ -92,6 +92,8 @@ def ray_session(address: str | None, node_ip_address: str | None = None) -> Iter
                 "log_to_driver": os.environ.get("SVDSWEEP_RAY_LOGS", "1") == "1",
                 "configure_logging": False,
             }
+            if address and not starts_here:
+                _check_reachable(address)
             token = _auth_token_path()
             token_existed = token.exists()
             try:
@@ -130,6 +132,28 @@ def _single_machine_ray(ray: Any) -> Iterator[None]:
             os.environ.pop(SINGLE_MACHINE_SWITCH, None)
         else:
             os.environ[SINGLE_MACHINE_SWITCH] = saved_environment
+
+
+def _check_reachable(address: str) -> None:
+    """:class:`ClusterError` at once if ``HOST:PORT`` refuses connections.
+
+    ``ray.init`` would instead retry for minutes, and first rewrite 127.0.0.1
+    to the machine's external address. ``auto`` and ``ray://`` addresses are
+    left to Ray.
+    """
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or "://" in address or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+            pass
+    except OSError as error:
+        raise ClusterError(
+            f"cannot reach Ray at {address}: {error.strerror or error}; start the head "
+            "(`ray start --head`) or check --ray-address / $RAY_ADDRESS"
+        ) from None
 
 
 def _auth_token_path() -> Path:

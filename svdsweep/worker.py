@@ -114,7 +114,8 @@ def run_worker(
     trials (for tests and manual runs).
     """
     objective = objective or training_objective()
-    storage = open_storage(storage_url)
+    # A worker only joins studies that `svdsweep sweep` created: it never creates a storage.
+    storage = open_storage(storage_url, create=False)
     url = storage.url
     studies: dict[str, tuple[optuna.Study, StudySettings]] = {}
     for optimizer in OPTIMIZERS:

@@ -29,6 +29,14 @@ CASES: dict[str, tuple[list[str], str]] = {
         ["run", "--storage", "mysql://root@127.0.0.1/test"],
         "unsupported storage mysql://",
     ),
+    "Ray address with nothing listening": (
+        ["sweep", "--ray-address", "127.0.0.9:{free}", "--storage", PG],
+        "cannot reach Ray at 127.0.0.9:",
+    ),
+    "worker on a missing storage": (
+        ["worker", "--storage", "sqlite:///missing.db"],
+        "no SQLite storage at",
+    ),
     "tpu": (["train", "--device", "tpu"], "device must be auto, cpu, cuda or cuda:N"),
     "seed 1e20": (["train", "--seed", "1e20"], "Invalid value for '--seed'"),
     "seed 10**20": (["train", "--seed", str(10**20)], "seed must be in 0..4294967295"),
