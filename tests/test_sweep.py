@@ -25,10 +25,12 @@ import optuna
 import pytest
 import ray
 import ray.cloudpickle
+import sqlalchemy
 from cheap_objective import cheap_objective as objective
 from conftest import SVDSWEEP as SVDSWEEP_PATH
 from conftest import free_port, svdsweep_cli, wait_until
 from optuna.trial import TrialState
+from tcp_proxy import TcpProxy
 
 from svdsweep.space import SearchSpace
 from svdsweep.storage import trial_id
@@ -230,8 +232,13 @@ _WORKER_SCRIPT = textwrap.dedent(
 )
 
 
-def test_a_trial_reaped_while_it_runs_does_not_stop_its_worker(tmp_path: Path) -> None:
-    """After a long database outage a live trial may be failed as stale: the worker goes on."""
+def test_a_trial_reaped_while_it_runs_does_not_stop_its_worker(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a long database outage a live trial may be failed as stale: the worker goes on.
+
+    It says so in one line: no ``UpdateFinishedTrialError`` traceback.
+    """
     url = f"sqlite:///{tmp_path}/reaped.db"
     create_or_resume(url, "reaped", SweepSpec(experiment="reaped", trials=2).study_settings())
     storage = optuna.storages.RDBStorage(url)
@@ -245,8 +252,11 @@ def test_a_trial_reaped_while_it_runs_does_not_stop_its_worker(tmp_path: Path) -
             reaped.append(running.number)
         return cheap_objective.cheap_objective(config, report, seconds=0.01)
 
-    summary = run_worker(url, "reaped", objective=objective, poll_seconds=0.1)
+    with caplog.at_level("WARNING", logger="svdsweep"):
+        summary = run_worker(url, "reaped", objective=objective, poll_seconds=0.1)
     assert summary.trials[0] == ("reaped-adam", reaped[0], "FAIL")
+    assert not [record for record in caplog.records if record.exc_info]
+    assert any("failed as stale while it ran" in record.message for record in caplog.records)
     for optimizer in OPTIMIZERS:
         assert _states(url, "reaped", optimizer)["COMPLETE"] == 2
     assert _states(url, "reaped", "adam")["FAIL"] == 1
@@ -426,28 +436,45 @@ _DRIVER_SCRIPT = textwrap.dedent(
                      gpus_per_worker=0, trial_epochs=2, ray_node_ip="127.0.0.5")
     try:
         run_sweep(spec, objective=cheap_objective.cheap_objective)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
+        print(f"interrupted: {{interrupt}}", file=sys.stderr)
         sys.exit(130)
     """
 )
 
 
-def test_ctrl_c_fails_running_trials_and_a_rerun_resumes(pg_url: str) -> None:
-    script = _DRIVER_SCRIPT.format(tests=str(REPO / "tests"), url=pg_url)
+def _start_driver(url: str) -> subprocess.Popen[str]:
+    """The Ctrl-C test's sweep in its own process (its own local Ray), slow trials, stderr piped."""
+    script = _DRIVER_SCRIPT.format(tests=str(REPO / "tests"), url=url)
     env = {**os.environ, **HEARTBEAT, "SVDSWEEP_TEST_TRIAL_SECONDS": "600", "RAY_ADDRESS": ""}
-    driver = subprocess.Popen([sys.executable, "-c", script], env=env)
+    return subprocess.Popen(
+        [sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_mid_trial(url: str, experiment: str, running: int) -> None:
+    wait_until(
+        lambda: sum(s.counts["RUNNING"] for s in experiment_status(url, experiment)) == running,
+        timeout=120,
+        what="both workers to be mid-trial",
+        ignore=(ExperimentError,),  # not created yet
+    )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_fails_running_trials_and_a_rerun_resumes(pg_url: str, signum: int) -> None:
+    """SIGTERM (kill, docker stop) is Ctrl-C: trials FAIL, exit 130, a rerun adds no duplicate."""
+    driver = _start_driver(pg_url)
     try:
-        wait_until(
-            lambda: sum(s.counts["RUNNING"] for s in experiment_status(pg_url, "ctrlc")) == 2,
-            timeout=120,
-            what="both workers to be mid-trial",
-            ignore=(ExperimentError,),  # not created yet
-        )
-        driver.send_signal(signal.SIGINT)
-        assert driver.wait(timeout=90) == 130
+        _wait_mid_trial(pg_url, "ctrlc", running=2)
+        driver.send_signal(signum)
+        _, stderr = driver.communicate(timeout=90)
+        assert driver.returncode == 130, stderr[-3000:]
     finally:
         if driver.poll() is None:
             driver.kill()
+    assert "Traceback" not in stderr and "SIGTERM" not in stderr, stderr[-3000:]
+    assert stderr.splitlines()[-1] == "interrupted: 2 running trials marked FAIL; rerun to resume"
     status = experiment_status(pg_url, "ctrlc")
     assert sum(s.counts["RUNNING"] for s in status) == 0
     assert sum(s.counts["FAIL"] for s in status) == 2
@@ -465,6 +492,57 @@ def test_ctrl_c_fails_running_trials_and_a_rerun_resumes(pg_url: str) -> None:
     )
     final = run_sweep(spec, objective=objective, progress=False)
     assert [study.finished for study in final] == [4, 4]
+    assert_each_configuration_completed_once(pg_url, "ctrlc")
+
+
+def test_ctrl_c_with_the_database_down_exits_at_once_and_the_next_run_reaps(
+    pg_url: str,
+) -> None:
+    """The driver reaches PostgreSQL through a proxy the test cuts, then gets Ctrl-C.
+
+    It must not wait for the database: one line, exit 130, its trials left
+    RUNNING. The next sweep (with the database back) reaps them and finishes
+    the budget, each configuration once.
+    """
+    with TcpProxy(_postgres_address(pg_url)) as proxy:
+        driver = _start_driver(proxy.url(pg_url))
+        try:
+            _wait_mid_trial(pg_url, "ctrlc", running=2)
+            proxy.cut()
+            driver.send_signal(signal.SIGINT)
+            # Retrying would take two minutes; stopping the workers takes seconds.
+            _, stderr = driver.communicate(timeout=60)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    assert driver.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.splitlines()[-1]
+    assert last.startswith("interrupted: the database is unreachable (") and last.endswith(
+        "workers stopped; this sweep's running trials will be reaped as stale by the next "
+        "sweep on experiment 'ctrlc'"
+    ), last
+    left = [t for opt in OPTIMIZERS for t in _trials(pg_url, "ctrlc", opt)]
+    assert [t.state for t in left] == [TrialState.RUNNING] * 2
+    spec = SweepSpec(
+        storage=pg_url, experiment="ctrlc", trials=4, workers=2, gpus_per_worker=0, trial_epochs=2
+    )
+    final = run_sweep(spec, objective=objective, progress=False)
+    assert [study.finished for study in final] == [4, 4]
+    assert [study.counts["RUNNING"] for study in final] == [0, 0]
+    for trial in left:
+        assert _trials(pg_url, "ctrlc", trial_study(trial))[trial.number].state == TrialState.FAIL
+    assert_each_configuration_completed_once(pg_url, "ctrlc")
+
+
+def trial_study(trial: optuna.trial.FrozenTrial) -> str:
+    """The optimizer whose study ``trial`` belongs to (only svd-adam's trials have ``k``)."""
+    return "adam" if trial.params.keys() == {"lr"} else "svd-adam"
+
+
+def _postgres_address(url: str) -> tuple[str, int]:
+    parsed = sqlalchemy.engine.make_url(url)
+    return parsed.host or "127.0.0.1", parsed.port or 5432
 
 
 def test_status_reports_counts_and_best_as_json(tmp_path: Path) -> None:
