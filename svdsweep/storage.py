@@ -166,8 +166,9 @@ def _schema_lock(url: str) -> Iterator[None]:
     after checking that nobody has: two first-time processes at once (two
     drivers, or a driver and a dashboard) both pass the check and one fails
     with ``UniqueViolation`` on ``version_info`` or ``alembic_version``. Under
-    this advisory lock the second finds the schema complete. SQLite's own
-    file lock already serialises these writes.
+    this advisory lock the second finds the schema complete. SQLite is left
+    alone: its storage is one machine's, usually one command's, and a lock
+    file would be one more file left beside the user's database.
     """
     if sqlalchemy.engine.make_url(url).get_backend_name() != "postgresql":
         yield
