@@ -140,7 +140,7 @@ def run_job(
         ray_address="local",
         ray_node_ip=ray_node_ip,
     )
-    check_outputs(out, report_spec.artifact_dir or Path())
+    check_outputs(out, report_spec.artifact_dir or Path(), progress=progress)
     say(f"{sizes.describe()}; storage {redact(url)}", progress)
     with local_ray(ray_node_ip):
         run_sweep(sweep_spec, progress=progress)
