@@ -196,12 +196,15 @@ def _interrupt(
     say("interrupted: stopping workers and marking their trials FAIL", progress)
     _stop_workers(ray, refs)
     try:
-        failed = fail_running_trials(url, experiment, sweep_id, seconds=INTERRUPT_RETRY_SECONDS)
+        fail_running_trials(url, experiment, sweep_id, seconds=INTERRUPT_RETRY_SECONDS)
     except Exception as error:
         if not is_transient(error):
             raise
         raise SweepInterrupted(f"the database went away ({reason(error)}): {later}") from None
-    raise SweepInterrupted(f"{failed} running trials marked FAIL; rerun to resume") from None
+    # (Workers that stopped in time marked their own trials; the rest were marked here.)
+    raise SweepInterrupted(
+        "workers stopped and this sweep's running trials marked FAIL; rerun to resume"
+    ) from None
 
 
 #: How long, after Ctrl-C, failing the running trials may retry through a

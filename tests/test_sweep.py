@@ -484,7 +484,9 @@ def test_ctrl_c_fails_running_trials_and_a_rerun_resumes(pg_url: str, signum: in
         if driver.poll() is None:
             driver.kill()
     assert "Traceback" not in stderr and "SIGTERM" not in stderr, stderr[-3000:]
-    assert stderr.splitlines()[-1] == "interrupted: 2 running trials marked FAIL; rerun to resume"
+    assert stderr.splitlines()[-1] == (
+        "interrupted: workers stopped and this sweep's running trials marked FAIL; rerun to resume"
+    )
     status = experiment_status(pg_url, "ctrlc")
     assert sum(s.counts["RUNNING"] for s in status) == 0
     assert sum(s.counts["FAIL"] for s in status) == 2
