@@ -599,10 +599,14 @@ def test_a_real_training_sweep_through_the_cli(tmp_path: Path) -> None:
         trials = _trials(url, "real", optimizer)
         assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
         for trial in trials:
-            assert 0 < trial.value < 3  # a real cross-entropy, not a stand-in
-            assert 0.1 < trial.user_attrs["curves"]["val_acc"][-1] <= 1
+            assert 0 < trial.value < float("inf")  # a cross-entropy
+            assert 0 <= trial.user_attrs["curves"]["val_acc"][-1] <= 1
             if optimizer == "svd-adam":
                 assert 0 < trial.user_attrs["curves"]["energy"][0] <= 1
+        # A real model learned (a sampled lr near 0.1 may not: trial 0 of adam
+        # draws lr 0.075 from seed 0 and ends at a loss of 3.6 after one epoch).
+        best = min(trials, key=lambda trial: trial.value)
+        assert best.value < 2 and best.user_attrs["curves"]["val_acc"][-1] > 0.3
 
 
 def test_a_ray_worker_killed_mid_trial_is_retried_without_double_counting(pg_url: str) -> None:
