@@ -18,6 +18,12 @@ import sqlalchemy
 from conftest import free_port
 
 
+def address_of(database_url: str) -> tuple[str, int]:
+    """Where the database of ``database_url`` listens: what a proxy in front of it forwards to."""
+    parsed = sqlalchemy.engine.make_url(database_url)
+    return parsed.host or "127.0.0.1", parsed.port or 5432
+
+
 class TcpProxy:
     """Forwards 127.0.0.1:``port`` to ``target``, until :meth:`cut`; :meth:`restore` resumes."""
 

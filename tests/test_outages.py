@@ -11,9 +11,8 @@ from typing import Any
 import cheap_objective
 import optuna
 import pytest
-import sqlalchemy
 from optuna.trial import TrialState
-from tcp_proxy import TcpProxy
+from tcp_proxy import TcpProxy, address_of
 
 from svdsweep.database import retrying
 from svdsweep.storage import StaleTrialReaper, load_study, open_storage
@@ -25,11 +24,6 @@ from svdsweep.worker import run_worker
 #: A beat a second, dead after 6 s: long enough for the worker to beat again
 #: between its connection's return and the end of the reaper's grace period.
 HEARTBEAT = {"SVDSWEEP_HEARTBEAT_INTERVAL": "1", "SVDSWEEP_GRACE_PERIOD": "6"}
-
-
-def _postgres_address(url: str) -> tuple[str, int]:
-    parsed = sqlalchemy.engine.make_url(url)
-    return parsed.host or "127.0.0.1", parsed.port or 5432
 
 
 def test_an_outage_longer_than_the_grace_period_reaps_no_live_trial(
@@ -46,7 +40,7 @@ def test_an_outage_longer_than_the_grace_period_reaps_no_live_trial(
     monkeypatch.setenv("SVDSWEEP_RETRY_SECONDS", "120")
     create_or_resume(pg_url, "outage", SweepSpec(experiment="outage", trials=1).study_settings())
     grace = int(HEARTBEAT["SVDSWEEP_GRACE_PERIOD"])
-    address = _postgres_address(pg_url)
+    address = address_of(pg_url)
 
     def objective(config: TrainConfig, report: Any) -> Any:
         # Adam's trial (claimed first) spans the outage; svd-adam's is short.

@@ -25,13 +25,12 @@ import optuna
 import pytest
 import ray
 import ray.cloudpickle
-import sqlalchemy
 from cheap_objective import cheap_objective as objective
 from conftest import SVDSWEEP as SVDSWEEP_PATH
 from conftest import free_port, svdsweep_cli, wait_until
 from optuna.trial import TrialState
 from private_postgres import private_postgres
-from tcp_proxy import TcpProxy
+from tcp_proxy import TcpProxy, address_of
 
 from svdsweep.space import SearchSpace
 from svdsweep.storage import open_storage, trial_id
@@ -516,7 +515,7 @@ def test_ctrl_c_with_the_database_down_exits_at_once_and_the_next_run_reaps(
     RUNNING. The next sweep (with the database back) reaps them and finishes
     the budget, each configuration once.
     """
-    with TcpProxy(_postgres_address(pg_url)) as proxy:
+    with TcpProxy(address_of(pg_url)) as proxy:
         driver = _start_driver(proxy.url(pg_url))
         try:
             _wait_mid_trial(pg_url, "ctrlc", running=2)
@@ -550,11 +549,6 @@ def test_ctrl_c_with_the_database_down_exits_at_once_and_the_next_run_reaps(
 def trial_study(trial: optuna.trial.FrozenTrial) -> str:
     """The optimizer whose study ``trial`` belongs to (only svd-adam's trials have ``k``)."""
     return "adam" if trial.params.keys() == {"lr"} else "svd-adam"
-
-
-def _postgres_address(url: str) -> tuple[str, int]:
-    parsed = sqlalchemy.engine.make_url(url)
-    return parsed.host or "127.0.0.1", parsed.port or 5432
 
 
 def test_status_reports_counts_and_best_as_json(tmp_path: Path) -> None:
