@@ -68,8 +68,8 @@ def friendly_errors(command: F) -> F:
             message = " ".join(str(error).split()) or type(error).__name__
             typer.echo(f"error: {message}", err=True)
             raise typer.Exit(USER_ERROR) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted", err=True)
+        except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (svdsweep.cluster)
+            typer.echo(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", err=True)
             raise typer.Exit(130) from None
         except Exception:  # noqa: BLE001 - anything else is a bug: its traceback, exit 2
             traceback.print_exc()

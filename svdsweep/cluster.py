@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ __all__ = [
     "local_ray",
     "node_ip",
     "ray_session",
+    "sigterm_as_interrupt",
 ]
 
 #: Node address of a driver joining a cluster (see the module docstring).
@@ -94,6 +97,10 @@ def ray_session(address: str | None, node_ip_address: str | None = None) -> Iter
             }
             if address and not starts_here:
                 _check_reachable(address)
+            if threading.current_thread() is threading.main_thread():
+                # Put back, after the shutdown, the handler that ray.init replaces.
+                before = signal.getsignal(signal.SIGTERM) or signal.SIG_DFL
+                stack.callback(signal.signal, signal.SIGTERM, before)
             token = _auth_token_path()
             token_existed = token.exists()
             try:
@@ -108,7 +115,33 @@ def ray_session(address: str | None, node_ip_address: str | None = None) -> Iter
             if not token_existed and token.exists():
                 token.chmod(0o600)  # Ray writes it 0644: a token others can read is no token
             stack.callback(ray.shutdown)
+            stack.enter_context(sigterm_as_interrupt())  # replaces the handler ray.init set
         yield ray
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises ``KeyboardInterrupt``, as Ctrl-C does, until the block ends.
+
+    ``ray.init`` makes SIGTERM exit the driver at once (Ray's own handler):
+    the workers' trials then stay RUNNING until they are reaped as stale, and
+    their configurations run again. ``kill``, ``docker stop`` and schedulers
+    send SIGTERM, so it must stop a sweep as cleanly as Ctrl-C: workers
+    stopped, their trials marked FAIL, exit status 130. Only the main thread
+    can set a handler; elsewhere (a test's thread) nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

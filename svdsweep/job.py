@@ -146,7 +146,7 @@ def run_job(
     # Everything that can be checked, before anything is written and before Ray starts
     # (~10 s): the storage URL, the database's reachability, any existing studies.
     check_resumable(url, sweep_spec.experiment, sweep_spec.study_settings())
-    check_outputs(out, report_spec.artifact_dir or Path())
+    check_outputs(out, report_spec.artifact_dir or Path(), progress=progress)
     say(f"{sizes.describe()}; storage {redact(url)}", progress)
     with local_ray(ray_node_ip):
         run_sweep(sweep_spec, progress=progress)

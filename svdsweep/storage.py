@@ -3,8 +3,9 @@
 * **Heartbeats that survive a flaky database.** Optuna's own heartbeat thread
   exists only inside ``study.optimize``, and one failed write kills it, after
   which the trial is reaped as stale while still running. :class:`Heartbeat`
-  logs the failure and tries again at the next beat; :func:`reap_stale_trials`
-  fails the trials of dead workers, which Optuna does only inside ``optimize``.
+  logs the failure and tries again at the next beat; :class:`StaleTrialReaper`
+  fails the trials of dead workers, which Optuna does only inside ``optimize``,
+  and never those of live workers that an outage kept from beating.
 * **Optuna's private API, in this module only.** Each private name used is
   listed in :data:`OPTUNA_INTERNALS`, and ``tests/test_storage.py`` fails with a
   clear message, one test per name, when an Optuna upgrade drops one. The rest
@@ -24,8 +25,9 @@ import functools
 import logging
 import os
 import threading
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from optuna.trial import TrialState
 
 from svdsweep.database import (
     StorageError,
+    budget_lock,
     dialect,
     has_optuna_schema,
     reason,
@@ -48,6 +51,7 @@ from svdsweep.database import (
 __all__ = [
     "OPTUNA_INTERNALS",
     "Heartbeat",
+    "StaleTrialReaper",
     "ask",
     "forget_artifact",
     "grace_period",
@@ -152,9 +156,34 @@ def open_storage(
                         max_retry=MAX_RETRY
                     ),
                 }
-            return RDBStorage(resolved, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
+            with _schema_lock(resolved):
+                return RDBStorage(resolved, engine_kwargs=engine_kwargs, **heartbeat_kwargs)
     except Exception as error:  # noqa: BLE001 - any failure to open is for the user to fix
         raise StorageError(f"cannot open storage {redact(resolved)}: {reason(error)}") from None
+
+
+#: The name of the lock under which a storage is opened (see :func:`_schema_lock`).
+SCHEMA_LOCK = "svdsweep/optuna-schema"
+
+
+@contextlib.contextmanager
+def _schema_lock(url: str) -> Iterator[None]:
+    """Serialises Optuna's schema creation across processes, on PostgreSQL.
+
+    Opening an :class:`RDBStorage` on an empty database creates Optuna's
+    tables, then inserts the schema version and stamps Alembic's table, each
+    after checking that nobody has: two first-time processes at once (two
+    drivers, or a driver and a dashboard) both pass the check and one fails
+    with ``UniqueViolation`` on ``version_info`` or ``alembic_version``. Under
+    this advisory lock the second finds the schema complete. SQLite is left
+    alone: its storage is one machine's, usually one command's, and a lock
+    file would be one more file left beside the user's database.
+    """
+    if sqlalchemy.engine.make_url(url).get_backend_name() != "postgresql":
+        yield
+        return
+    with budget_lock(url, SCHEMA_LOCK):
+        yield
 
 
 def load_study(storage: Any, name: str, **options: Any) -> optuna.Study:
@@ -248,6 +277,58 @@ class Heartbeat:
                 log.warning("heartbeat of trial %d failed: %s", self._trial_id, reason(error))
 
 
+class StaleTrialReaper:
+    """Fails the trials of dead workers, judging only over time it has watched the database.
+
+    A trial is stale when its heartbeat is older than the grace period. But
+    while the database is unreachable nobody's heartbeat is written, so right
+    after an outage longer than the grace period every live trial *looks*
+    dead, and reaping them would throw their work away (and rerun them). So the
+    reaper restarts its staleness clock whenever its own connection comes back:
+    it reaps nothing until it has watched the database for a whole grace
+    period, which gives every live worker time to beat again. "Watched" means
+    successful calls no further apart than ``grace - interval``: an outage it
+    did not see (shorter than that gap) still leaves a live worker's last beat
+    within the grace period. A new reaper starts its clock at its first call,
+    for the same reason (it cannot know what happened before).
+
+    One reaper per process, called repeatedly (:meth:`reap`), through
+    :func:`retrying`: a transient error stops the clock and propagates.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._watching_since: float | None = None
+        self._last_seen: float | None = None
+
+    def reap(self, studies: list[optuna.Study]) -> int:
+        """Reaps the stale trials of ``studies`` if the clock allows; how many it failed."""
+        grace, interval = grace_period(), heartbeat_interval()
+        try:
+            _ping(studies[0])
+        except Exception:
+            self._watching_since = self._last_seen = None
+            raise
+        now = self._clock()
+        longest_unseen_outage = max(grace - interval, 1)
+        if self._last_seen is None or now - self._last_seen > longest_unseen_outage:
+            self._watching_since = now  # (re)connected: restart the staleness clock
+        self._last_seen = now
+        assert self._watching_since is not None
+        if now - self._watching_since < grace:
+            return 0
+        try:
+            return sum(reap_stale_trials(study) for study in studies)
+        except Exception:
+            self._watching_since = self._last_seen = None
+            raise
+
+
+def _ping(study: optuna.Study) -> None:
+    with _rdb(study).engine.connect() as connection:
+        connection.execute(sqlalchemy.text("SELECT 1"))
+
+
 def reap_stale_trials(study: optuna.Study) -> int:
     """Marks the trials of dead workers FAIL (and re-queues their parameters).
 
@@ -256,19 +337,23 @@ def reap_stale_trials(study: optuna.Study) -> int:
     Also reaps RUNNING trials that never recorded a heartbeat (their worker died
     between claiming and the first beat), once they are older than the grace
     period. Returns how many trials were reaped.
+
+    Does not retry: a call that waited through an outage would judge every
+    live trial stale. Call it through :class:`StaleTrialReaper`, which knows
+    when it may judge.
     """
     storage = study._storage
     before = _count(study, TrialState.FAIL)
     with _knowing_heartbeats():
-        retrying(lambda: optuna.storages.fail_stale_trials(study))
+        optuna.storages.fail_stale_trials(study)
     grace = timedelta(seconds=grace_period())
     now = datetime.now()
-    running = retrying(lambda: study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in running:
         started = trial.datetime_start
         if started is None or now - started <= grace:
             continue
-        if retrying(lambda: _has_heartbeat(study, trial_id(trial))):  # noqa: B023 - called now
+        if _has_heartbeat(study, trial_id(trial)):
             continue
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             if storage.set_trial_state_values(trial_id(trial), state=TrialState.FAIL):

@@ -18,17 +18,18 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, NoReturn
 
 import optuna
+import sqlalchemy
 from optuna.trial import TrialState
 
 from svdsweep.cluster import ClusterError, ray_session
-from svdsweep.database import redact, resolve_storage_url, retrying
+from svdsweep.database import is_transient, reason, redact, resolve_storage_url, retrying
 from svdsweep.errors import ConfigError, UserError
 from svdsweep.progress import say
 from svdsweep.space import SearchSpace, StudySettings
-from svdsweep.storage import load_study, open_storage, reap_stale_trials, trial_id
+from svdsweep.storage import StaleTrialReaper, load_study, open_storage, trial_id
 from svdsweep.studies import (
     DEFAULT_EXPERIMENT,
     StudyStatus,
@@ -40,7 +41,7 @@ from svdsweep.studies import (
 from svdsweep.train import OPTIMIZERS
 from svdsweep.worker import Objective, run_worker
 
-__all__ = ["SweepError", "SweepSpec", "run_sweep", "status_table"]
+__all__ = ["SweepError", "SweepInterrupted", "SweepSpec", "run_sweep", "status_table"]
 
 log = logging.getLogger(__name__)
 
@@ -163,36 +164,95 @@ def run_sweep(
         try:
             _watch(ray, refs, url, spec.experiment, progress)
         except KeyboardInterrupt:
-            say("interrupted: stopping workers and marking their trials FAIL", progress)
-            _stop_workers(ray, refs)
-            fail_running_trials(url, spec.experiment, sweep_id)
-            raise
+            _interrupt(ray, refs, url, spec.experiment, sweep_id, progress)
     return experiment_status(url, spec.experiment)
 
 
-def fail_running_trials(storage_url: str, experiment: str, sweep_id: str) -> int:
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the sweep; the message says what became of its trials."""
+
+
+def _interrupt(
+    ray: Any, refs: list[Any], url: str, experiment: str, sweep_id: str, progress: bool
+) -> NoReturn:
+    """Stops the workers and fails this sweep's RUNNING trials, or says who will.
+
+    With the database down, waiting for it (two minutes of retries) would
+    leave a user's Ctrl-C unanswered: the workers are stopped at once instead,
+    and the trials they leave RUNNING stop beating, so that the next sweep or
+    worker on this experiment reaps them as stale (and queues their
+    parameters again) once the grace period has passed.
+    """
+    later = (
+        "workers stopped; this sweep's running trials will be reaped as stale by the next "
+        f"sweep on experiment {experiment!r}"
+    )
+    try:
+        _ping_database(url)
+    except Exception as error:  # noqa: BLE001 - any failure to connect means "down"
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        raise SweepInterrupted(f"the database is unreachable ({reason(error)}): {later}") from None
+    say("interrupted: stopping workers and marking their trials FAIL", progress)
+    _stop_workers(ray, refs)
+    try:
+        fail_running_trials(url, experiment, sweep_id, seconds=INTERRUPT_RETRY_SECONDS)
+    except Exception as error:
+        if not is_transient(error):
+            raise
+        raise SweepInterrupted(f"the database went away ({reason(error)}): {later}") from None
+    # (Workers that stopped in time marked their own trials; the rest were marked here.)
+    raise SweepInterrupted(
+        "workers stopped and this sweep's running trials marked FAIL; rerun to resume"
+    ) from None
+
+
+#: How long, after Ctrl-C, failing the running trials may retry through a
+#: database that goes away: a user waits for the prompt, and the next sweep
+#: reaps what is left anyway.
+INTERRUPT_RETRY_SECONDS = 10.0
+
+
+def _ping_database(url: str) -> None:
+    """One new connection and ``SELECT 1``, with a short timeout; raises if the database is down."""
+    is_postgres = sqlalchemy.engine.make_url(url).get_backend_name() == "postgresql"
+    engine = sqlalchemy.create_engine(
+        url,
+        poolclass=sqlalchemy.pool.NullPool,
+        connect_args={"connect_timeout": 3} if is_postgres else {"timeout": 3},
+    )
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT 1"))
+    finally:
+        engine.dispose()
+
+
+def fail_running_trials(
+    storage_url: str, experiment: str, sweep_id: str, *, seconds: float | None = None
+) -> int:
     """Marks this sweep's RUNNING trials FAIL, so that a rerun resumes cleanly.
 
-    Runs on Ctrl-C, when the database may be as unreliable as at any other
-    time, so every call retries like the rest of the sweep's.
+    Runs on Ctrl-C, when the database may be as unreachable as at any other
+    time, so every call retries like the rest of the sweep's, for ``seconds``
+    (else :func:`~svdsweep.database.retry_seconds`).
     """
+    again = partial(retrying, seconds=seconds)
     storage = open_storage(storage_url, heartbeat=False)
     failed = 0
     for optimizer in OPTIMIZERS:
         study = load_study(storage, study_name(experiment, optimizer))
-        running = retrying(partial(study.get_trials, deepcopy=False, states=(TrialState.RUNNING,)))
+        running = again(partial(study.get_trials, deepcopy=False, states=(TrialState.RUNNING,)))
         for trial in running:
             if trial.user_attrs.get("sweep_id") != sweep_id:
                 continue  # another sweep's (or a hand-started worker's) trial
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                retrying(
+                again(
                     partial(
                         storage.set_trial_user_attr, trial_id(trial), "error", "sweep interrupted"
                     )
                 )
-                if retrying(
-                    partial(storage.set_trial_state_values, trial_id(trial), TrialState.FAIL)
-                ):
+                if again(partial(storage.set_trial_state_values, trial_id(trial), TrialState.FAIL)):
                     failed += 1
     return failed
 
@@ -207,6 +267,7 @@ def _watch(ray: Any, refs: list[Any], url: str, experiment: str, progress: bool)
     """Shows live progress and reaps dead workers' trials until every worker returns."""
     storage = open_storage(url)
     studies = [load_study(storage, study_name(experiment, optimizer)) for optimizer in OPTIMIZERS]
+    reaper = StaleTrialReaper()
     pending = list(refs)
     with _live_status(progress) as show:
         while pending:
@@ -214,8 +275,7 @@ def _watch(ray: Any, refs: list[Any], url: str, experiment: str, progress: bool)
             for ref in refs:
                 if ref not in pending:
                     _raise_worker_error(ray, ref, refs)
-            for study in studies:
-                retrying(partial(reap_stale_trials, study))
+            retrying(partial(reaper.reap, studies))
             show(retrying(partial(experiment_status, url, experiment, storage=storage)))
 
 

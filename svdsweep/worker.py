@@ -35,10 +35,10 @@ from svdsweep.errors import UserError
 from svdsweep.space import StudySettings, suggest
 from svdsweep.storage import (
     Heartbeat,
+    StaleTrialReaper,
     ask,
     load_study,
     open_storage,
-    reap_stale_trials,
     set_user_attrs,
     trial_counts,
     trial_id,
@@ -62,6 +62,10 @@ log = logging.getLogger(__name__)
 Objective = Callable[[TrainConfig, ReportCallback], TrainResult]
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+_REAPED_WHILE_RUNNING = (
+    "trial %d of %s was failed as stale while it ran (no heartbeat reached the database "
+    "for longer than the grace period); its parameters are queued again"
+)
 CLAIMED = (*FINISHED, TrialState.RUNNING)
 
 
@@ -134,6 +138,7 @@ def run_worker(
         studies[optimizer] = (study, settings)
 
     summary = WorkerSummary(worker_id, socket.gethostname(), cluster.node_ip(), cluster.gpu_ids())
+    reaper = StaleTrialReaper()
     failures = 0
     while max_trials is None or len(summary.trials) < max_trials:
         claim = retrying(lambda: _claim(url, experiment, studies, seed))
@@ -147,8 +152,7 @@ def run_worker(
             # Every slot is taken, but a RUNNING trial may belong to a dead
             # worker: reap it (Optuna would only do so inside optimize()), so
             # that its slot is refilled even when it was the last one.
-            for study, _ in studies.values():
-                retrying(partial(reap_stale_trials, study))
+            retrying(partial(reaper.reap, [study for study, _ in studies.values()]))
             time.sleep(poll_seconds)
             continue
         study, settings, trial = claim
@@ -242,6 +246,12 @@ def _run_trial(
             # terrible result: it counts toward the budget with value +inf.
             attrs.update(curves=curves, diverged=str(error))
             value, state = float("inf"), TrialState.COMPLETE
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Reaped as stale while it ran (its worker could not reach the
+            # database for longer than the grace period): already FAIL, its
+            # slot freed and its parameters re-queued. Nothing more to write.
+            log.warning(_REAPED_WHILE_RUNNING, trial.number, study.study_name)
+            return TrialState.FAIL
         except BaseException as error:
             attrs.update(curves=curves, error=f"{type(error).__name__}: {error}"[:2000])
             _finish(study, trial, storage, attrs, started, None, TrialState.FAIL)
@@ -268,9 +278,7 @@ def _finish(
     except optuna.exceptions.UpdateFinishedTrialError:
         # Reaped as stale while it ran (heartbeats lost longer than the grace
         # period): its slot was already freed and its parameters re-queued.
-        log.warning(
-            "trial %d of %s was failed as stale while running", trial.number, study.study_name
-        )
+        log.warning(_REAPED_WHILE_RUNNING, trial.number, study.study_name)
         return TrialState.FAIL
     told = retrying(
         lambda: study.tell(

@@ -4,46 +4,57 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import optuna
 import pytest
+from conftest import wait_until
+
+from svdsweep.report.staging import child_processes
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _ray_processes() -> set[str]:
-    found = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True)
-    return set(found.stdout.split())
+def _start_time(pid: int) -> str | None:
+    """The process's start time (a PID can be reused; a PID and its start time cannot)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def _still_running(started: set[tuple[int, str | None]]) -> list[int]:
+    return [pid for pid, start in started if start is not None and _start_time(pid) == start]
 
 
 @pytest.mark.slow
 def test_local_cluster_runs_sweep_dashboard_and_report(pg_url: str, tmp_path: Path) -> None:
-    before = _ray_processes()
-    result = subprocess.run(
-        [
-            str(REPO / "scripts/local-cluster.sh"),
-            "--storage",
-            pg_url,
-            "--experiment",
-            "cluster",
-            "--trials",
-            "3",
-            "--trial-epochs",
-            "2",
-            "--train-subset",
-            "4000",
-            "--report-epochs",
-            "1",
-            "--seeds",
-            "2",
-            "--workdir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    stderr_path = tmp_path / "stderr.log"
+    with stderr_path.open("w") as stderr:
+        script = subprocess.Popen(
+            [
+                str(REPO / "scripts/local-cluster.sh"),
+                *("--storage", pg_url, "--experiment", "cluster", "--trials", "3"),
+                *("--trial-epochs", "2", "--train-subset", "4000", "--report-epochs", "1"),
+                *("--seeds", "2", "--workdir", str(tmp_path)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            text=True,
+        )
+        # Every process the script starts (Ray's head and nodes, their raylets,
+        # GCS, agents and workers, the dashboard): this test's, and only these.
+        started: set[tuple[int, str | None]] = set()
+        deadline = time.monotonic() + 900
+        while script.poll() is None and time.monotonic() < deadline:
+            started |= {(pid, _start_time(pid)) for pid in child_processes(script.pid)}
+            time.sleep(0.5)
+        if script.poll() is None:
+            script.kill()
+    result = subprocess.CompletedProcess(script.args, script.wait(), "", stderr_path.read_text())
     assert result.returncode == 0, result.stderr[-3000:]
 
     status = json.loads((tmp_path / "status.json").read_text())
@@ -63,5 +74,8 @@ def test_local_cluster_runs_sweep_dashboard_and_report(pg_url: str, tmp_path: Pa
     assert "dashboard answered with studies ['cluster-adam', 'cluster-svd-adam']" in result.stderr
     assert (tmp_path / "results" / "report.md").is_file()
     assert (tmp_path / "results" / "comparison.png").stat().st_size > 10_000
-    # Everything it started is gone, and nothing else was touched.
-    assert _ray_processes() <= before
+    # Everything it started is gone (and nothing else was looked at).
+    assert len(started) > 5, "the processes the script started were seen"
+    wait_until(
+        lambda: not _still_running(started), timeout=60, what="the script's processes to stop"
+    )

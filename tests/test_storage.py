@@ -15,6 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy
+from conftest import wait_until
 
 from svdsweep import storage as storage_module
 from svdsweep.database import budget_lock, is_transient, lock_directory, retrying
@@ -249,3 +250,51 @@ def test_budget_locks_of_two_experiments_do_not_wait_for_each_other(pg_url: str)
         thread.start()
         thread.join(timeout=30)
         assert done.is_set(), "the lock of another experiment was blocked"
+
+
+_FIRST_OPEN = """
+import sys, time
+from pathlib import Path
+from svdsweep.storage import open_storage
+go = Path(sys.argv[2])
+Path(sys.argv[3]).touch()  # imported: ready to go
+while not go.exists():
+    time.sleep(0.005)
+open_storage(sys.argv[1])
+"""
+
+
+def test_first_time_processes_at_once_on_an_empty_postgresql_all_open_it(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Two drivers (or a driver and a dashboard) on a new database: Optuna's schema, once.
+
+    Without a lock both create the tables, insert the schema version and stamp
+    Alembic's table, and one dies on ``UniqueViolation``. Three processes,
+    released together once each has imported svdsweep.
+    """
+    import subprocess
+    import sys
+
+    go = tmp_path / "go"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _FIRST_OPEN, pg_url, str(go), str(tmp_path / f"ready-{n}")],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(3)
+    ]
+    wait_until(
+        lambda: len(list(tmp_path.glob("ready-*"))) == 3 or any(p.poll() for p in processes),
+        timeout=120,
+        what="three processes ready",
+    )
+    go.touch()
+    errors = [p.communicate(timeout=120)[1] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0, 0], "\n".join(errors)[-3000:]
+    engine = sqlalchemy.create_engine(pg_url, poolclass=sqlalchemy.pool.NullPool)
+    with engine.connect() as connection:
+        versions = connection.execute(sqlalchemy.text("SELECT count(*) FROM version_info"))
+        assert versions.scalar() == 1
+    engine.dispose()

@@ -29,9 +29,11 @@ from cheap_objective import cheap_objective as objective
 from conftest import SVDSWEEP as SVDSWEEP_PATH
 from conftest import free_port, svdsweep_cli, wait_until
 from optuna.trial import TrialState
+from private_postgres import private_postgres
+from tcp_proxy import TcpProxy, address_of
 
 from svdsweep.space import SearchSpace
-from svdsweep.storage import trial_id
+from svdsweep.storage import open_storage, trial_id
 from svdsweep.studies import (
     OBJECTIVE_NAME,
     ExperimentError,
@@ -83,8 +85,15 @@ def local_ray() -> Iterator[None]:
 
 
 def _trials(url: str, experiment: str, optimizer: str) -> list[optuna.trial.FrozenTrial]:
-    study = optuna.load_study(study_name=study_name(experiment, optimizer), storage=url)
-    return study.get_trials(deepcopy=False)
+    """The study's trials. Opened as svdsweep opens it, under its schema lock: a test that
+    polls while a sweep creates Optuna's schema would otherwise race it (and fail on
+    ``UniqueViolation ... alembic_version``)."""
+    storage = open_storage(url, heartbeat=False)
+    try:
+        study = optuna.load_study(study_name=study_name(experiment, optimizer), storage=storage)
+        return study.get_trials(deepcopy=False)
+    finally:
+        storage.engine.dispose()
 
 
 def _states(url: str, experiment: str, optimizer: str) -> dict[str, int]:
@@ -236,8 +245,13 @@ _WORKER_SCRIPT = textwrap.dedent(
 )
 
 
-def test_a_trial_reaped_while_it_runs_does_not_stop_its_worker(tmp_path: Path) -> None:
-    """After a long database outage a live trial may be failed as stale: the worker goes on."""
+def test_a_trial_reaped_while_it_runs_does_not_stop_its_worker(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a long database outage a live trial may be failed as stale: the worker goes on.
+
+    It says so in one line: no ``UpdateFinishedTrialError`` traceback.
+    """
     url = f"sqlite:///{tmp_path}/reaped.db"
     create_or_resume(url, "reaped", SweepSpec(experiment="reaped", trials=2).study_settings())
     storage = optuna.storages.RDBStorage(url)
@@ -251,8 +265,11 @@ def test_a_trial_reaped_while_it_runs_does_not_stop_its_worker(tmp_path: Path) -
             reaped.append(running.number)
         return cheap_objective.cheap_objective(config, report, seconds=0.01)
 
-    summary = run_worker(url, "reaped", objective=objective, poll_seconds=0.1)
+    with caplog.at_level("WARNING", logger="svdsweep"):
+        summary = run_worker(url, "reaped", objective=objective, poll_seconds=0.1)
     assert summary.trials[0] == ("reaped-adam", reaped[0], "FAIL")
+    assert not [record for record in caplog.records if record.exc_info]
+    assert any("failed as stale while it ran" in record.message for record in caplog.records)
     for optimizer in OPTIMIZERS:
         assert _states(url, "reaped", optimizer)["COMPLETE"] == 2
     assert _states(url, "reaped", "adam")["FAIL"] == 1
@@ -395,32 +412,34 @@ def _sweep_in_background(spec: SweepSpec, seconds_per_trial: float) -> Iterator[
     assert not thread.is_alive(), "the sweep did not finish"
 
 
-def test_the_sweep_survives_a_postgres_restart(pg_url: str) -> None:
-    spec = SweepSpec(
-        storage=pg_url,
-        experiment="restart",
-        trials=12,
-        workers=2,
-        gpus_per_worker=0,
-        trial_epochs=4,
-    )
-    with _sweep_in_background(spec, seconds_per_trial=1.0):
-        wait_until(
-            lambda: sum(s.finished for s in experiment_status(pg_url, "restart")) >= 3,
-            timeout=90,
-            what="3 finished trials",
-            ignore=(ExperimentError,),  # the studies may not exist yet
+def test_the_sweep_survives_a_postgres_restart() -> None:
+    """A PostgreSQL restart mid-sweep: every storage call retries, and the budget is exact.
+
+    The restarted server is a throwaway cluster of this test's own
+    (tests/private_postgres.py): the machine's PostgreSQL is never touched.
+    """
+    with private_postgres() as postgres:
+        url = postgres.url
+        spec = SweepSpec(
+            storage=url,
+            experiment="restart",
+            trials=12,
+            workers=2,
+            gpus_per_worker=0,
+            trial_epochs=4,
         )
-        cluster = os.listdir("/etc/postgresql")[0]
-        subprocess.run(
-            ["pg_ctlcluster", "--skip-systemctl-redirect", cluster, "main", "restart"],
-            check=True,
-            timeout=60,
-        )
-    for optimizer in OPTIMIZERS:
-        counts = _states(pg_url, "restart", optimizer)
-        assert counts["COMPLETE"] + counts["PRUNED"] == 12, counts
-        assert counts["RUNNING"] == 0, counts
+        with _sweep_in_background(spec, seconds_per_trial=1.0):
+            wait_until(
+                lambda: sum(s.finished for s in experiment_status(url, "restart")) >= 3,
+                timeout=90,
+                what="3 finished trials",
+                ignore=(ExperimentError,),  # the studies may not exist yet
+            )
+            postgres.restart()
+        for optimizer in OPTIMIZERS:
+            counts = _states(url, "restart", optimizer)
+            assert counts["COMPLETE"] + counts["PRUNED"] == 12, counts
+            assert counts["RUNNING"] == 0, counts
 
 
 _DRIVER_SCRIPT = textwrap.dedent(
@@ -434,28 +453,47 @@ _DRIVER_SCRIPT = textwrap.dedent(
                      gpus_per_worker=0, trial_epochs=2, ray_node_ip="127.0.0.5")
     try:
         run_sweep(spec, objective=cheap_objective.cheap_objective)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
+        print(f"interrupted: {{interrupt}}", file=sys.stderr)
         sys.exit(130)
     """
 )
 
 
-def test_ctrl_c_fails_running_trials_and_a_rerun_resumes(pg_url: str) -> None:
-    script = _DRIVER_SCRIPT.format(tests=str(REPO / "tests"), url=pg_url)
+def _start_driver(url: str) -> subprocess.Popen[str]:
+    """The Ctrl-C test's sweep in its own process (its own local Ray), slow trials, stderr piped."""
+    script = _DRIVER_SCRIPT.format(tests=str(REPO / "tests"), url=url)
     env = {**os.environ, **HEARTBEAT, "SVDSWEEP_TEST_TRIAL_SECONDS": "600", "RAY_ADDRESS": ""}
-    driver = subprocess.Popen([sys.executable, "-c", script], env=env)
+    return subprocess.Popen(
+        [sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_mid_trial(url: str, experiment: str, running: int) -> None:
+    wait_until(
+        lambda: sum(s.counts["RUNNING"] for s in experiment_status(url, experiment)) == running,
+        timeout=120,
+        what="both workers to be mid-trial",
+        ignore=(ExperimentError,),  # not created yet
+    )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_fails_running_trials_and_a_rerun_resumes(pg_url: str, signum: int) -> None:
+    """SIGTERM (kill, docker stop) is Ctrl-C: trials FAIL, exit 130, a rerun adds no duplicate."""
+    driver = _start_driver(pg_url)
     try:
-        wait_until(
-            lambda: sum(s.counts["RUNNING"] for s in experiment_status(pg_url, "ctrlc")) == 2,
-            timeout=120,
-            what="both workers to be mid-trial",
-            ignore=(ExperimentError,),  # not created yet
-        )
-        driver.send_signal(signal.SIGINT)
-        assert driver.wait(timeout=90) == 130
+        _wait_mid_trial(pg_url, "ctrlc", running=2)
+        driver.send_signal(signum)
+        _, stderr = driver.communicate(timeout=90)
+        assert driver.returncode == 130, stderr[-3000:]
     finally:
         if driver.poll() is None:
             driver.kill()
+    assert "Traceback" not in stderr and "SIGTERM" not in stderr, stderr[-3000:]
+    assert stderr.splitlines()[-1] == (
+        "interrupted: workers stopped and this sweep's running trials marked FAIL; rerun to resume"
+    )
     status = experiment_status(pg_url, "ctrlc")
     assert sum(s.counts["RUNNING"] for s in status) == 0
     assert sum(s.counts["FAIL"] for s in status) == 2
@@ -473,6 +511,52 @@ def test_ctrl_c_fails_running_trials_and_a_rerun_resumes(pg_url: str) -> None:
     )
     final = run_sweep(spec, objective=objective, progress=False)
     assert [study.finished for study in final] == [4, 4]
+    assert_each_configuration_completed_once(pg_url, "ctrlc")
+
+
+def test_ctrl_c_with_the_database_down_exits_at_once_and_the_next_run_reaps(
+    pg_url: str,
+) -> None:
+    """The driver reaches PostgreSQL through a proxy the test cuts, then gets Ctrl-C.
+
+    It must not wait for the database: one line, exit 130, its trials left
+    RUNNING. The next sweep (with the database back) reaps them and finishes
+    the budget, each configuration once.
+    """
+    with TcpProxy(address_of(pg_url)) as proxy:
+        driver = _start_driver(proxy.url(pg_url))
+        try:
+            _wait_mid_trial(pg_url, "ctrlc", running=2)
+            proxy.cut()
+            driver.send_signal(signal.SIGINT)
+            # Retrying would take two minutes; stopping the workers takes seconds.
+            _, stderr = driver.communicate(timeout=60)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    assert driver.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.splitlines()[-1]
+    assert last.startswith("interrupted: the database is unreachable (") and last.endswith(
+        "workers stopped; this sweep's running trials will be reaped as stale by the next "
+        "sweep on experiment 'ctrlc'"
+    ), last
+    left = [t for opt in OPTIMIZERS for t in _trials(pg_url, "ctrlc", opt)]
+    assert [t.state for t in left] == [TrialState.RUNNING] * 2
+    spec = SweepSpec(
+        storage=pg_url, experiment="ctrlc", trials=4, workers=2, gpus_per_worker=0, trial_epochs=2
+    )
+    final = run_sweep(spec, objective=objective, progress=False)
+    assert [study.finished for study in final] == [4, 4]
+    assert [study.counts["RUNNING"] for study in final] == [0, 0]
+    for trial in left:
+        assert _trials(pg_url, "ctrlc", trial_study(trial))[trial.number].state == TrialState.FAIL
+    assert_each_configuration_completed_once(pg_url, "ctrlc")
+
+
+def trial_study(trial: optuna.trial.FrozenTrial) -> str:
+    """The optimizer whose study ``trial`` belongs to (only svd-adam's trials have ``k``)."""
+    return "adam" if trial.params.keys() == {"lr"} else "svd-adam"
 
 
 def test_status_reports_counts_and_best_as_json(tmp_path: Path) -> None:
@@ -538,10 +622,14 @@ def test_a_real_training_sweep_through_the_cli(tmp_path: Path) -> None:
         trials = _trials(url, "real", optimizer)
         assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
         for trial in trials:
-            assert 0 < trial.value < 3  # a real cross-entropy, not a stand-in
-            assert 0.1 < trial.user_attrs["curves"]["val_acc"][-1] <= 1
+            assert 0 < trial.value < float("inf")  # a cross-entropy
+            assert 0 <= trial.user_attrs["curves"]["val_acc"][-1] <= 1
             if optimizer == "svd-adam":
                 assert 0 < trial.user_attrs["curves"]["energy"][0] <= 1
+        # A real model learned (a sampled lr near 0.1 may not: trial 0 of adam
+        # draws lr 0.075 from seed 0 and ends at a loss of 3.6 after one epoch).
+        best = min(trials, key=lambda trial: trial.value)
+        assert best.value < 2 and best.user_attrs["curves"]["val_acc"][-1] > 0.3
 
 
 def test_a_ray_worker_killed_mid_trial_is_retried_without_double_counting(pg_url: str) -> None:
@@ -555,8 +643,13 @@ def test_a_ray_worker_killed_mid_trial_is_retried_without_double_counting(pg_url
         trial_epochs=2,
     )
     with _sweep_in_background(spec, seconds_per_trial=4.0):
+        # A trial in its first epoch (of two, 2 s each): still running when its worker dies.
         victim = wait_until(
-            lambda: _running(pg_url, "raykill", with_attr="worker_pid"),
+            lambda: [
+                trial
+                for trial in _running(pg_url, "raykill", with_attr="worker_pid")
+                if not trial.intermediate_values
+            ],
             timeout=90,
             interval=0.3,
             what="a trial to start",

@@ -40,7 +40,7 @@ from svdsweep.report.artifacts import (
 from svdsweep.report.finals import FINAL_SEED_BASE, best_trials, final_configs, run_final_trainings
 from svdsweep.report.markdown import FIGURE, REPORT, dashboard_note, render_markdown
 from svdsweep.report.results import Protocol, Results, assemble
-from svdsweep.report.staging import RESULTS, ReportError, Staging
+from svdsweep.report.staging import RESULTS, ReportError, Staging, child_processes
 from svdsweep.report.stats import format_params
 from svdsweep.storage import open_storage
 from svdsweep.studies import DEFAULT_EXPERIMENT
@@ -112,11 +112,20 @@ class ReportOutcome:
         return self.out / RESULTS
 
 
-def check_outputs(out: Path, artifact_dir: Path) -> None:
-    """Fails now, before any training, if ``out`` or the artifact store cannot be written."""
-    with Staging(out):
-        pass
+def check_outputs(out: Path, artifact_dir: Path, *, progress: bool = True) -> None:
+    """Fails now, before any training, if ``out`` or the artifact store cannot be written.
+
+    Also removes what a killed report left for ``out`` (see :class:`Staging`).
+    """
+    with Staging(out) as staging:
+        _say_leftovers(staging, progress)
     check_artifact_dir(artifact_dir)
+
+
+def _say_leftovers(staging: Staging, progress: bool) -> None:
+    if staging.leftovers:
+        names = ", ".join(str(path) for path in staging.leftovers)
+        say(f"removed what a killed report left (and stopped its Ray): {names}", progress)
 
 
 def build_report(spec: ReportSpec, *, progress: bool = True) -> ReportOutcome:
@@ -128,6 +137,7 @@ def build_report(spec: ReportSpec, *, progress: bool = True) -> ReportOutcome:
     configs = final_configs(best, spec.epochs, spec.seeds)
     artifact_dir = resolve_artifact_dir(spec.artifact_dir).absolute()
     with Staging(spec.out) as staging:  # fails now if --out cannot be written
+        _say_leftovers(staging, progress)
         check_artifact_dir(artifact_dir)
         for optimizer, found in best.items():
             say(
@@ -136,6 +146,8 @@ def build_report(spec: ReportSpec, *, progress: bool = True) -> ReportOutcome:
                 progress,
             )
         with ray_session(spec.ray_address, spec.ray_node_ip) as ray:
+            # If this process is killed, the next report stops the Ray it started.
+            staging.record_processes(child_processes())
             runs, hardware = run_final_trainings(ray, configs, spec.gpus_per_run, progress=progress)
         settings = next(iter(best.values())).settings
         assembled = assemble(
