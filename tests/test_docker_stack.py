@@ -72,10 +72,13 @@ def _run(args: Sequence[str], *, timeout: float = 600, **kwargs: Any) -> subproc
     return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("", 0))  # free on every address: Ray binds some ports on all of them
-        return int(probe.getsockname()[1])
+def _free_ports(count: int) -> list[int]:
+    """Distinct ports free on every address (Ray binds some on all of them)."""
+    with contextlib.ExitStack() as held:  # all held open at once, so none repeats
+        probes = [held.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("", 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
 
 
 def _rules() -> list[str]:
@@ -124,7 +127,19 @@ class Stack:
         self.results = tmp_path / "results"
         self.results.mkdir()
         os.chown(self.results, RESULTS_UID, RESULTS_GID)
-        self.ray_port = _free_port()
+        names = (
+            "RAY_PORT",
+            "RAY_DASHBOARD_PORT",
+            "RAY_CLIENT_PORT",
+            "AGENT_PORT_HEAD",
+            "AGENT_PORT_WORKER_1",
+            "AGENT_PORT_WORKER_2",
+            "AGENT_PORT_SWEEP",
+            "AGENT_PORT_REPORTER",
+            "AGENT_PORT_THIRD_WORKER",
+        )
+        self.ports = dict(zip(names, _free_ports(len(names)), strict=True))
+        self.ray_port = self.ports["RAY_PORT"]
         self.env = {
             "PATH": f"{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin",
             "HOME": str(tmp_path),
@@ -144,18 +159,8 @@ class Stack:
             "SVDSWEEP_WAIT_TIMEOUT": "300",
             "SVDSWEEP_RESULTS_DIR": str(self.results),
             "RAY_SHM_SIZE": "512mb",
-            "SVDSWEEP_TEST_RAY_PORT": str(self.ray_port),
         }
-        for name in (
-            "RAY_DASHBOARD_PORT",
-            "RAY_CLIENT_PORT",
-            "AGENT_PORT_HEAD",
-            "AGENT_PORT_WORKER_1",
-            "AGENT_PORT_WORKER_2",
-            "AGENT_PORT_SWEEP",
-            "AGENT_PORT_REPORTER",
-        ):
-            self.env[f"SVDSWEEP_TEST_{name}"] = str(_free_port())
+        self.env.update({f"SVDSWEEP_TEST_{name}": str(port) for name, port in self.ports.items()})
         self.storage = (
             f"postgresql+psycopg2://svdsweep:{self.password}@{POSTGRES_IP}:5432/svdsweep"
         )
@@ -304,7 +309,7 @@ def _start_third_worker(stack: Stack) -> str:
             "-e", f"RAY_NODE_IP={THIRD_WORKER_IP}",
             "-e", "SVDSWEEP_HEARTBEAT_INTERVAL=2",
             "-e", "RAY_START_ARGS=--num-cpus=1 --object-store-memory=100000000 "
-                  f"--dashboard-agent-listen-port={_free_port()}",
+                  f"--dashboard-agent-listen-port={stack.ports['AGENT_PORT_THIRD_WORKER']}",
             IMAGE, "ray-worker",
         ]
     )  # fmt: skip
