@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,9 @@ PLACEHOLDER = re.compile(r"change-me-")
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(2400)]
 
 
-def _run(args: Sequence[str], *, timeout: float = 600, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+def _run(
+    args: Sequence[str], *, timeout: float = 600, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
@@ -102,7 +105,9 @@ def engine() -> Iterator[None]:
     """A Docker engine with the local base images; the daemon stops after if it was started here."""
     rules_before, bridges_before = _rules(), _bridges()
     if os.geteuid() != 0:
-        pytest.fail('needs root to run dockerd (scripts/docker-engine.sh); deselect: -m "not docker"')
+        pytest.fail(
+            'needs root to run dockerd (scripts/docker-engine.sh); deselect: -m "not docker"'
+        )
     prepared = _run(["bash", str(REPO / "scripts/docker-engine.sh")], timeout=1200)
     print(prepared.stdout, end="")
     if prepared.returncode != 0:
@@ -121,7 +126,7 @@ class Stack:
     """One compose project of the test files, with the failing service's logs on errors."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.project = f"svdsweep-e2e-{uuid.uuid4().hex[:8]}"
+        self.project = f"{PROJECT_PREFIX}{uuid.uuid4().hex[:8]}"
         self.password = secrets.token_hex(12)
         self.token = secrets.token_hex(32)
         self.results = tmp_path / "results"
@@ -157,13 +162,11 @@ class Stack:
             "SVDSWEEP_REPORT_EPOCHS": "1",
             "SVDSWEEP_REPORT_SEEDS": "2",
             "SVDSWEEP_WAIT_TIMEOUT": "300",
-            "SVDSWEEP_RESULTS_DIR": str(self.results),
+            "SVDSWEEP_TEST_RESULTS_DIR": str(self.results),
             "RAY_SHM_SIZE": "512mb",
         }
         self.env.update({f"SVDSWEEP_TEST_{name}": str(port) for name, port in self.ports.items()})
-        self.storage = (
-            f"postgresql+psycopg2://svdsweep:{self.password}@{POSTGRES_IP}:5432/svdsweep"
-        )
+        self.storage = f"postgresql+psycopg2://svdsweep:{self.password}@{POSTGRES_IP}:5432/svdsweep"
         self.extra_containers: list[str] = []
 
     def compose(self, *args: str, timeout: float = 600, check: bool = True) -> str:
@@ -185,8 +188,10 @@ class Stack:
         started = time.monotonic()
         try:
             yield
-        except (AssertionError, subprocess.SubprocessError, OSError) as error:
-            logs = "\n".join(f"--- {service} (last lines) ---\n{self.logs(service)}" for service in services)
+        except Exception as error:  # noqa: BLE001 - any failure gets the services' logs
+            logs = "\n".join(
+                f"--- {service} (last lines) ---\n{self.logs(service)}" for service in services
+            )
             pytest.fail(f"step '{name}' failed: {error}\n{logs}", pytrace=False)
         print(f"docker stack: {name}: {time.monotonic() - started:.0f} s")
 
@@ -197,9 +202,7 @@ class Stack:
 
     def head_exec_python(self, code: str) -> str:
         """Runs ``code`` as a Ray driver in the head's container (its raylet is under it)."""
-        done = _run(
-            [DOCKER, "exec", self.container("ray-head"), "python", "-c", code], timeout=120
-        )
+        done = _run([DOCKER, "exec", self.container("ray-head"), "python", "-c", code], timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         return done.stdout
 
@@ -208,18 +211,48 @@ class Stack:
             "import ray, json; "
             f"ray.init(address='ray-head:{self.ray_port}', _node_ip_address='{HEAD_IP}', "
             "log_to_driver=False, configure_logging=False, logging_level='ERROR'); "
-            "print(json.dumps([n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']]))"
+            "alive = [n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']]; "
+            "print('alive:', json.dumps(alive))"
         )
-        return set(json.loads(self.head_exec_python(code).strip().splitlines()[-1]))
+        # Ray prints its own warnings (a dead node's) to stdout as well.
+        lines = self.head_exec_python(code).splitlines()
+        return set(json.loads(next(line for line in lines if line.startswith("alive: "))[7:]))
 
     def teardown(self) -> None:
         for name in self.extra_containers:
             _run([DOCKER, "rm", "-f", name])
         self.compose("--profile", "report", "down", "-v", "--remove-orphans", check=False)
+        _remove_project(self.project)  # whatever compose could not remove
+
+
+PROJECT_PREFIX = "svdsweep-e2e-"
+
+
+def _remove_project(project: str) -> None:
+    """Removes a project's containers, volumes and networks with docker alone, by label."""
+    label = f"label=com.docker.compose.project={project}"
+    for kind, remove in ((["ps", "-a"], ["rm", "-f"]), (["volume", "ls"], ["volume", "rm", "-f"]),
+                         (["network", "ls"], ["network", "rm"])):  # fmt: skip
+        found = _run([DOCKER, *kind, "-q", "--filter", label]).stdout.split()
+        if found:
+            _run([DOCKER, *remove, *found])
+
+
+def _remove_leftovers() -> None:
+    """Removes what an interrupted earlier run of this test left: it holds the test's addresses."""
+    listed = _run([DOCKER, "ps", "-a", "--format",
+                   '{{.Names}} {{.Label "com.docker.compose.project"}}']).stdout  # fmt: skip
+    for line in listed.splitlines():
+        name, _, project = line.partition(" ")
+        if project.startswith(PROJECT_PREFIX):
+            _remove_project(project)
+        elif name.startswith(PROJECT_PREFIX):
+            _run([DOCKER, "rm", "-f", name])
 
 
 @pytest.fixture
 def stack(engine: None, tmp_path: Path) -> Iterator[Stack]:
+    _remove_leftovers()
     running = Stack(tmp_path)
     try:
         yield running
@@ -302,7 +335,10 @@ def _start_third_worker(stack: Stack) -> str:
     stack.extra_containers.append(name)
     started = _run(
         [
-            DOCKER, "run", "-d", "--name", name, "--network", "host", "--init", "--shm-size", "512m",
+            DOCKER, "run", "-d", "--name", name,
+            "--network", "host", "--init", "--shm-size", "512m",
+            # The sweep hands its workers compose's storage URL (host "postgres").
+            "--add-host", f"postgres:{POSTGRES_IP}",
             "-e", "RAY_AUTH_MODE=token",
             "-e", f"RAY_AUTH_TOKEN={stack.token}",
             "-e", f"RAY_HEAD_ADDRESS={HEAD_IP}:{stack.ray_port}",
@@ -334,7 +370,8 @@ def _dashboard_lists_both_studies(base: str, screenshot: Path) -> None:
             executable_path=CHROMIUM,
             headless=True,
             args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync"],
         )  # fmt: skip
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.goto(f"{base}/dashboard/")
@@ -360,7 +397,17 @@ def test_compose_stack_sweeps_survives_a_killed_worker_reports_and_leaves_nothin
              f"@{POSTGRES_IP}:5432/svdsweep", "init-db"),
         ):  # fmt: skip
             refused = _run(
-                [DOCKER, "run", "--rm", "--network", "host", "-e", f"{variable}={value}", IMAGE, role],
+                [
+                    DOCKER,
+                    "run",
+                    "--rm",
+                    "--network",
+                    "host",
+                    "-e",
+                    f"{variable}={value}",
+                    IMAGE,
+                    role,
+                ],
                 timeout=120,
             )
             assert refused.returncode == 64, (variable, refused.returncode, refused.stderr)
@@ -402,7 +449,14 @@ def test_compose_stack_sweeps_survives_a_killed_worker_reports_and_leaves_nothin
             for trial in _trials(stack, killed_study.removeprefix(f"{EXPERIMENT}-"))
         }
         assert states[killed_number] == "FAIL", (killed_study, killed_number, states)
-        print(f"docker stack: killed {killed_study} trial {killed_number}: FAIL; {studies}")
+        nodes = Counter(
+            str(trial.get("user_attrs_worker_node_ip") or trial.get("user_attrs", {}))
+            for optimizer in ("adam", "svd-adam")
+            for trial in _trials(stack, optimizer)
+        )
+        print(
+            f"docker stack: killed {killed_study} trial {killed_number}: FAIL; trials by node {nodes}"
+        )
 
     with stack.step("the dashboard in Chromium lists both studies", "dashboard"):
         _dashboard_lists_both_studies(
