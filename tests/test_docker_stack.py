@@ -450,13 +450,11 @@ def test_compose_stack_sweeps_survives_a_killed_worker_reports_and_leaves_nothin
         }
         assert states[killed_number] == "FAIL", (killed_study, killed_number, states)
         nodes = Counter(
-            str(trial.get("user_attrs_worker_node_ip") or trial.get("user_attrs", {}))
+            trial.get("user_attrs", {}).get("worker_node_ip")
             for optimizer in ("adam", "svd-adam")
             for trial in _trials(stack, optimizer)
         )
-        print(
-            f"docker stack: killed {killed_study} trial {killed_number}: FAIL; trials by node {nodes}"
-        )
+        print(f"docker stack: {killed_study} trial {killed_number} killed (FAIL); by node: {nodes}")
 
     with stack.step("the dashboard in Chromium lists both studies", "dashboard"):
         _dashboard_lists_both_studies(
