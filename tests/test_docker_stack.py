@@ -304,6 +304,7 @@ def _kill_a_worker_mid_trial(stack: Stack) -> tuple[str, int]:
     import optuna
 
     storage = optuna.storages.RDBStorage(stack.storage)
+    worker = stack.container("ray-worker")  # looked up first: the kill must follow the sighting
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         for optimizer in ("adam", "svd-adam"):
@@ -315,7 +316,7 @@ def _kill_a_worker_mid_trial(stack: Stack) -> tuple[str, int]:
                 )
                 for trial in running:
                     if trial.user_attrs.get("worker_node_ip") == WORKER_1_IP:
-                        killed = _run([DOCKER, "kill", stack.container("ray-worker")])
+                        killed = _run([DOCKER, "kill", worker])
                         assert killed.returncode == 0, killed.stderr
                         # Had it finished just before the kill, the check below would fail for
                         # the wrong reason: say so instead.
