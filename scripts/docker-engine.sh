@@ -43,6 +43,7 @@ stop_daemon() {
 
 if [ "${1:-}" = stop ]; then stop_daemon; exit 0; fi
 [ "$(id -u)" = 0 ] || fail "needs root (apt-get, dockerd, debootstrap)"
+mkdir -p "$state"
 
 # 1. Packages.
 missing=()
@@ -50,9 +51,20 @@ missing=()
 [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
 if [ ${#missing[@]} -gt 0 ]; then
   say "apt-get install ${missing[*]}"
-  apt-get -o DPkg::Lock::Timeout=300 update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q \
-    --no-install-recommends "${missing[@]}" >/dev/null
+  # Where an init script could start the packaged daemon (with its default bridge
+  # and iptables rules), forbid service starts during the installation.
+  forbid_starts=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    forbid_starts=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' >"$forbid_starts"
+    chmod +x "$forbid_starts"
+  fi
+  installed=0
+  apt-get -o DPkg::Lock::Timeout=300 update -q >/dev/null \
+    && DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -q \
+      --no-install-recommends "${missing[@]}" >/dev/null || installed=$?
+  [ -z "$forbid_starts" ] || rm -f "$forbid_starts"
+  [ "$installed" = 0 ] || fail "apt-get install ${missing[*]} failed"
 else
   say "packages: docker.io and debootstrap already installed"
 fi
@@ -61,7 +73,6 @@ fi
 if "$docker" info >/dev/null 2>&1; then
   say "dockerd: already running ($("$docker" version --format '{{.Server.Version}}'))"
 else
-  mkdir -p "$state"
   # No bridge, no NAT rules: containers use the host's network (and only its
   # loopback addresses, in the tests). overlay2 fails loudly where the kernel lacks it.
   setsid /usr/sbin/dockerd --bridge=none --iptables=false --ip6tables=false \
