@@ -35,6 +35,19 @@ require_token() {
   fi
 }
 
+# The secrets of .env.example are placeholders that anyone can read in the
+# repository: refuse to run with them, in one line, before anything starts.
+refuse_placeholders() {
+  case "${RAY_AUTH_TOKEN:-}" in *change-me-*)
+    log "RAY_AUTH_TOKEN is still the .env.example placeholder: set it in .env (openssl rand -hex 32)"
+    exit 64 ;;
+  esac
+  case "${SVDSWEEP_STORAGE:-}" in *change-me-*)
+    log "POSTGRES_PASSWORD is still the .env.example placeholder: set it in .env (openssl rand -hex 24)"
+    exit 64 ;;
+  esac
+}
+
 head_address() {
   if [ -z "${RAY_HEAD_ADDRESS:-}" ]; then
     log "RAY_HEAD_ADDRESS (HOST:PORT of the Ray head) is not set"
@@ -76,6 +89,7 @@ PY
 # Extra `ray start` flags, split on whitespace.
 read -r -a extra_args <<< "${RAY_START_ARGS:-}"
 
+refuse_placeholders
 role=${1:-}
 case "$role" in
   ray-head)

