@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -12,14 +13,26 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _ray_processes() -> set[str]:
-    found = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True)
-    return set(found.stdout.split())
+def _processes_of_cluster(head: str) -> list[str]:
+    """Command lines of the Ray processes of the cluster whose head is ``head`` (address:port).
+
+    Other sessions may run their own Ray beside this one; only this cluster's
+    GCS server and raylets name its head's unique port.
+    """
+    port = head.rsplit(":", 1)[1]
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # the process ended meanwhile
+            continue
+        if head in text or f"gcs_server_port={port}" in text:
+            found.append(text)
+    return found
 
 
 @pytest.mark.slow
 def test_local_cluster_runs_sweep_dashboard_and_report(pg_url: str, tmp_path: Path) -> None:
-    before = _ray_processes()
     result = subprocess.run(
         [
             str(REPO / "scripts/local-cluster.sh"),
@@ -63,5 +76,6 @@ def test_local_cluster_runs_sweep_dashboard_and_report(pg_url: str, tmp_path: Pa
     assert "dashboard answered with studies ['cluster-adam', 'cluster-svd-adam']" in result.stderr
     assert (tmp_path / "results" / "report.md").is_file()
     assert (tmp_path / "results" / "comparison.png").stat().st_size > 10_000
-    # Everything it started is gone, and nothing else was touched.
-    assert _ray_processes() <= before
+    # Everything it started is gone.
+    (head,) = re.findall(r"Ray head on (127\.0\.0\.2:\d+)", result.stderr)
+    assert _processes_of_cluster(head) == []

@@ -30,6 +30,7 @@ from conftest import SVDSWEEP as SVDSWEEP_PATH
 from conftest import free_port, svdsweep_cli, wait_until
 from optuna.trial import TrialState
 
+from svdsweep.database import has_optuna_schema
 from svdsweep.space import SearchSpace
 from svdsweep.storage import trial_id
 from svdsweep.studies import ExperimentError, create_or_resume, experiment_status, study_name
@@ -289,7 +290,13 @@ def test_a_killed_workers_last_trial_is_reaped_and_retried(pg_url: str) -> None:
 
 
 def _running(url: str, experiment: str, with_attr: str) -> list[optuna.trial.FrozenTrial]:
-    """The RUNNING trials of both studies that have recorded ``with_attr``."""
+    """The RUNNING trials of both studies that have recorded ``with_attr``.
+
+    Polls while a sweep starts: before the sweep has created Optuna's schema,
+    opening the storage here would create it at the same time (and one fails).
+    """
+    if not has_optuna_schema(url):
+        return []
     return [
         trial
         for optimizer in OPTIMIZERS
