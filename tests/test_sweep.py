@@ -306,8 +306,18 @@ def _running(url: str, experiment: str, with_attr: str) -> list[optuna.trial.Fro
 
 
 @contextlib.contextmanager
-def _sweep_in_background(spec: SweepSpec, seconds_per_trial: float) -> Iterator[None]:
-    """Runs the sweep in a thread while the body disturbs it; it must still finish cleanly."""
+def _sweep_in_background(
+    url: str, experiment: str, *, trials: int, trial_epochs: int, seconds_per_trial: float
+) -> Iterator[None]:
+    """A sweep by 2 CPU workers runs in a thread while the body disturbs it; it must finish."""
+    spec = SweepSpec(
+        storage=url,
+        experiment=experiment,
+        trials=trials,
+        workers=2,
+        gpus_per_worker=0,
+        trial_epochs=trial_epochs,
+    )
     outcome: dict[str, BaseException] = {}
 
     def sweep() -> None:
@@ -330,15 +340,7 @@ def _sweep_in_background(spec: SweepSpec, seconds_per_trial: float) -> Iterator[
 
 
 def test_the_sweep_survives_a_postgres_restart(pg_url: str) -> None:
-    spec = SweepSpec(
-        storage=pg_url,
-        experiment="restart",
-        trials=12,
-        workers=2,
-        gpus_per_worker=0,
-        trial_epochs=4,
-    )
-    with _sweep_in_background(spec, seconds_per_trial=1.0):
+    with _sweep_in_background(pg_url, "restart", trials=12, trial_epochs=4, seconds_per_trial=1.0):
         wait_until(
             lambda: sum(s.finished for s in experiment_status(pg_url, "restart")) >= 3,
             timeout=90,
@@ -459,15 +461,7 @@ def test_a_real_training_sweep_through_the_cli(tmp_path: Path) -> None:
 
 def test_a_ray_worker_killed_mid_trial_is_retried_without_double_counting(pg_url: str) -> None:
     """Ray retries the dead worker's task; the storage, not Ray, decides what counts."""
-    spec = SweepSpec(
-        storage=pg_url,
-        experiment="raykill",
-        trials=3,
-        workers=2,
-        gpus_per_worker=0,
-        trial_epochs=2,
-    )
-    with _sweep_in_background(spec, seconds_per_trial=4.0):
+    with _sweep_in_background(pg_url, "raykill", trials=3, trial_epochs=2, seconds_per_trial=4.0):
         victim = wait_until(
             lambda: _running(pg_url, "raykill", with_attr="worker_pid"),
             timeout=90,
@@ -650,16 +644,14 @@ def test_the_sweep_benchmark_measures_both_and_cleans_up(pg_url: str) -> None:
     """`svdsweep bench sweep` in small: figures from the storage, exact budgets, no leftovers."""
     from svdsweep.sweep_bench import run_sweep_benchmark
 
-    figures = run_sweep_benchmark(
-        pg_url,
-        workers=4,
-        trials=6,
-        repeats=2,
-        real_trials=2,
-        real_epochs=1,
-        train_subset=500,
-        progress=False,
-    )
+    small: dict[str, Any] = {
+        "workers": 4,
+        "trials": 6,
+        "repeats": 2,
+        "real_trials": 2,
+        "real_epochs": 1,
+    }
+    figures = run_sweep_benchmark(pg_url, **small, train_subset=500, progress=False)
     for name in ("stock", "svdsweep"):
         runs = figures[name]["runs"]
         assert len(runs) == 2 and all(r["trials_per_second"] > 0 and r["seconds"] > 0 for r in runs)
