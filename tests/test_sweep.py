@@ -131,7 +131,9 @@ def test_budget_is_exact_with_eight_concurrent_workers(storage_url: str) -> None
             storage_url, experiment, "svd-adam"
         )
         assert _max_overlap(both) > 1, "trials never ran concurrently"
-        assert len({t.user_attrs["worker_id"] for t in both}) > 1
+        # (A trial reaped before its first heartbeat, on a loaded machine, ran nowhere.)
+        ran = [t for t in both if t.state == TrialState.COMPLETE]
+        assert len({t.user_attrs["worker_id"] for t in ran}) > 1
 
 
 def test_trials_record_what_the_issue_asks(pg_url: str) -> None:
