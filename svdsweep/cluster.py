@@ -215,9 +215,3 @@ def gpu_ids() -> list[str]:
     if ray.is_initialized():
         return [str(gpu) for gpu in ray.get_gpu_ids()]
     return [gpu for gpu in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if gpu]
-
-
-def resources(ray: Any) -> dict[str, float]:
-    """The cluster's CPUs and GPUs (0 when it has none)."""
-    found = ray.cluster_resources()
-    return {"CPU": float(found.get("CPU", 0)), "GPU": float(found.get("GPU", 0))}

@@ -93,19 +93,23 @@ def reported(
     swept: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, ReportOutcome]:
     """One report per backend: 2 seeds x 2 epochs per optimizer."""
-    outcomes = {}
-    for backend, url in swept.items():
-        base = tmp_path_factory.mktemp(f"report-{backend}")
-        spec = ReportSpec(
-            storage=url,
-            experiment=EXPERIMENT,
-            epochs=EPOCHS,
-            seeds=SEEDS,
-            out=base / "results",
-            artifact_dir=base / "artifacts",
-        )
-        outcomes[backend] = build_report(spec, progress=False)
-    return outcomes
+    return {
+        backend: _report(url, tmp_path_factory.mktemp(f"report-{backend}"))
+        for backend, url in swept.items()
+    }
+
+
+def _report(url: str, directory: Path, epochs: int = EPOCHS) -> ReportOutcome:
+    """A report of the tiny sweep at ``url``, into ``directory``/results and /artifacts."""
+    spec = ReportSpec(
+        storage=url,
+        experiment=EXPERIMENT,
+        epochs=epochs,
+        seeds=SEEDS,
+        out=directory / "results",
+        artifact_dir=directory / "artifacts",
+    )
+    return build_report(spec, progress=False)
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -232,19 +236,8 @@ def test_artifacts_are_attached_and_a_rerun_replaces_them(
     shutil.copy(swept["sqlite"].removeprefix("sqlite:///"), tmp_path / "sweep.db")
     url = f"sqlite:///{tmp_path}/sweep.db"
 
-    def report(epochs: int) -> ReportOutcome:
-        spec = ReportSpec(
-            storage=url,
-            experiment=EXPERIMENT,
-            epochs=epochs,
-            seeds=SEEDS,
-            out=tmp_path / "results",
-            artifact_dir=tmp_path / "artifacts",
-        )
-        return build_report(spec, progress=False)
-
     # The shared report's artifacts (in another store) are replaced by this one's.
-    first = report(EPOCHS)
+    first = _report(url, tmp_path)
     store = FileSystemArtifactStore(str(first.artifact_dir))
 
     def attached() -> dict[str, dict[str, str]]:
@@ -271,7 +264,7 @@ def test_artifacts_are_attached_and_a_rerun_replaces_them(
             first.report.read_bytes()
         )
 
-    rerun = report(1)
+    rerun = _report(url, tmp_path, epochs=1)
     after = attached()  # still exactly one figure and one report per study
     assert after == rerun.artifact_ids
     for name in after:

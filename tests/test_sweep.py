@@ -32,6 +32,7 @@ from optuna.trial import TrialState
 from private_postgres import private_postgres
 from tcp_proxy import TcpProxy, address_of
 
+from svdsweep.database import has_optuna_schema
 from svdsweep.space import SearchSpace
 from svdsweep.storage import open_storage, trial_id
 from svdsweep.studies import (
@@ -145,7 +146,9 @@ def test_budget_is_exact_with_eight_concurrent_workers(storage_url: str) -> None
             storage_url, experiment, "svd-adam"
         )
         assert _max_overlap(both) > 1, "trials never ran concurrently"
-        assert len({t.user_attrs["worker_id"] for t in both}) > 1
+        # (A trial reaped before its first heartbeat, on a loaded machine, ran nowhere.)
+        ran = [t for t in both if t.state == TrialState.COMPLETE]
+        assert len({t.user_attrs["worker_id"] for t in ran}) > 1
 
 
 def test_trials_record_what_the_issue_asks(pg_url: str) -> None:
@@ -379,7 +382,13 @@ def test_a_trials_sampler_is_reproducible_and_unique_to_its_number() -> None:
 
 
 def _running(url: str, experiment: str, with_attr: str) -> list[optuna.trial.FrozenTrial]:
-    """The RUNNING trials of both studies that have recorded ``with_attr``."""
+    """The RUNNING trials of both studies that have recorded ``with_attr``.
+
+    Polls while a sweep starts: before the sweep has created Optuna's schema,
+    opening the storage here would create it at the same time (and one fails).
+    """
+    if not has_optuna_schema(url):
+        return []
     return [
         trial
         for optimizer in OPTIMIZERS
@@ -831,16 +840,14 @@ def test_the_sweep_benchmark_measures_both_and_cleans_up(pg_url: str) -> None:
     """`svdsweep bench sweep` in small: figures from the storage, exact budgets, no leftovers."""
     from svdsweep.sweep_bench import run_sweep_benchmark
 
-    figures = run_sweep_benchmark(
-        pg_url,
-        workers=4,
-        trials=6,
-        repeats=2,
-        real_trials=2,
-        real_epochs=1,
-        train_subset=500,
-        progress=False,
-    )
+    small: dict[str, Any] = {
+        "workers": 4,
+        "trials": 6,
+        "repeats": 2,
+        "real_trials": 2,
+        "real_epochs": 1,
+    }
+    figures = run_sweep_benchmark(pg_url, **small, train_subset=500, progress=False)
     for name in ("stock", "svdsweep"):
         runs = figures[name]["runs"]
         assert len(runs) == 2 and all(r["trials_per_second"] > 0 and r["seconds"] > 0 for r in runs)
