@@ -349,32 +349,28 @@ def _orthonormal(columns: Tensor) -> Tensor:
     return q
 
 
-def _cholesky_orthonormal(columns: Tensor, passes: int = 3) -> Tensor:
+def _cholesky_orthonormal(columns: Tensor) -> Tensor:
     """Orthonormal columns spanning ``columns``, by shifted Cholesky QR, without a host read.
 
-    Each pass forms the Gram matrix, factors it with ``cholesky_ex`` (which,
-    unlike ``cholesky``, does not check its status on the host) and solves
-    with the triangular factor. The first pass is shifted by a multiple of the
-    unit roundoff times the Gram matrix's trace, so that it succeeds even for
-    rank-deficient input (Fukaya, Kannan, Nakatsukasa, Yamamoto & Yanagisawa,
-    "Shifted Cholesky QR for computing the QR factorization of
-    ill-conditioned matrices", SIAM J. Sci. Comput. 2020); the next passes
-    restore orthogonality to working precision (CholeskyQR2). Like Gram–Schmidt,
-    the first j output columns span the first j input columns. Columns with no
-    independent direction come out small rather than unit, and contribute
-    correspondingly little to a projection.
+    One pass of Cholesky QR in float64: the Gram matrix, ``cholesky_ex``
+    (which, unlike ``cholesky``, does not check its status on the host) and a
+    triangular solve. In float64 one pass is orthonormal to ~κ²·1e-16, so the
+    second pass that float32 CholeskyQR2 needs is unnecessary. The Gram matrix
+    is shifted by 1e-10 of its trace (Fukaya, Kannan, Nakatsukasa, Yamamoto &
+    Yanagisawa, "Shifted Cholesky QR for computing the QR factorization of
+    ill-conditioned matrices", SIAM J. Sci. Comput. 2020), so the
+    factorisation exists for rank-deficient input: directions holding less
+    than ~1e-10 of the energy come out shrunk towards zero instead of being
+    blown up into noise, and contribute nothing to a projection. Like
+    Gram–Schmidt, the first j output columns span the first j input columns.
     """
-    eps = torch.finfo(columns.dtype).eps
-    width = columns.shape[1]
-    eye = torch.eye(width, dtype=columns.dtype, device=columns.device)
-    q = columns
-    for index in range(passes):
-        gram = q.T @ q
-        shift = 11 * eps * (q.shape[0] * width + width * (width + 1)) if index == 0 else eps
-        gram = gram + eye * (shift * gram.diagonal().sum().clamp_min(torch.finfo(q.dtype).tiny))
-        factor, _ = torch.linalg.cholesky_ex(gram, upper=True)
-        q = torch.linalg.solve_triangular(factor, q, upper=True, left=False)
-    return q
+    work = columns.double()
+    gram = work.T @ work
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    shift = 1e-10 * gram.diagonal().sum() + torch.finfo(torch.float64).tiny
+    factor, _ = torch.linalg.cholesky_ex(gram + shift * eye, upper=True)
+    q = torch.linalg.solve_triangular(factor, work, upper=True, left=False)
+    return q.to(columns.dtype)
 
 
 def _mix_fresh_columns(basis: Tensor, oversample: int, generator: torch.Generator | None) -> Tensor:
@@ -456,8 +452,9 @@ def _sync_free_iterate_and_extract(
     """:func:`_iterate_and_extract` with matmuls, ``cholesky_ex`` and triangular solves only.
 
     The small eigenproblem is solved approximately: simultaneous iteration on
-    the squared w x w Gram matrix from the identity, re-orthonormalised by
-    Cholesky QR, keeps the column order (largest first) that the warm start and
+    the squared w x w Gram matrix, re-orthonormalised by Cholesky QR, then
+    sorted by the energy each column captures (``argsort`` runs on the device), so that the
+    next basis has the column order (largest first) that the warm start and
     :func:`_mix_fresh_columns` rely on. The captured energy reported is that of
     the returned projection exactly (``trace(Zᵀ BBᵀ Z)``), and the certificate
     is the bound of the module docstring with that energy; it equals the
@@ -470,9 +467,16 @@ def _sync_free_iterate_and_extract(
     gram = projected @ projected.T
     squared = gram @ gram
     squared = squared / squared.diagonal().sum().clamp_min(torch.finfo(gram.dtype).tiny)
-    eigvecs = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    # Start from the coordinate vectors, largest diagonal first: Cholesky QR orthogonalises
+    # in column order, so directions the basis lost (zero columns) must not come first.
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    eigvecs = eye[:, torch.argsort(gram.diagonal(), descending=True)]
     for _ in range(SMALL_EIGEN_ITERS):
-        eigvecs = _cholesky_orthonormal(squared @ eigvecs, passes=2)
+        eigvecs = _cholesky_orthonormal(squared @ eigvecs)
+    # Energy per column, not the Rayleigh quotient: a column the shifted Cholesky QR shrank
+    # (no direction left for it) must sort last, whatever direction its remnant points in.
+    energies = (eigvecs * (gram @ eigvecs)).sum(0)
+    eigvecs = eigvecs[:, torch.argsort(energies, descending=True)]
     top = eigvecs[:, :rank]
     ritz = (top.T @ gram @ top).diagonal().clamp_min(0)
     approx = (left @ top) @ (top.T @ projected)
