@@ -7,6 +7,7 @@ start bases live, how the state is saved. The math is in
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -460,29 +461,27 @@ class SVDGradient(Optimizer):
 
     def _gradient_norms(
         self, entries: list[tuple[dict[str, Any], int, Tensor]]
-    ) -> dict[int, Tensor] | None:
+    ) -> dict[int, float] | None:
         """‖G‖ of every gradient by parameter index, or ``None`` to skip a non-finite step.
 
-        One fused float64 norm kernel and one device sync per step; float64,
-        so that large finite gradients (fp16 entries of 1000, float32 of 1e20)
-        are not mistaken for infinite ones. The norms are reused as the
-        denominators of the captured-energy diagnostic.
+        One fused float64 norm kernel and one host read per step; float64, so
+        that large finite gradients (fp16 entries of 1000, float32 of 1e20)
+        are not mistaken for infinite ones. The norms come back as Python
+        floats: the low-rank math uses them for its scaling, its certificate
+        and the captured-energy diagnostic without launching a kernel.
         """
         if not entries:
             return {}
-        norms = _norms([param.grad for _, _, param in entries])  # type: ignore[misc]
-        device = norms[0].device
-        if bool(torch.isfinite(torch.stack([norm.to(device) for norm in norms])).all()):
-            return {index: norm for (_, index, _), norm in zip(entries, norms, strict=True)}
+        norms = torch.stack(_norms([param.grad for _, _, param in entries])).tolist()  # type: ignore[misc]
         bad = []
         for position, ((group, index, param), norm) in enumerate(zip(entries, norms, strict=True)):
-            if bool(torch.isfinite(norm)):
+            if math.isfinite(norm):
                 continue
             grad = param.grad
             assert grad is not None
             values = grad.coalesce().values() if grad.is_sparse else grad
             if bool(torch.isfinite(values).all()):
-                norms[position] = _overflow_safe_norm(values)  # finite, just beyond float64
+                norms[position] = float(_overflow_safe_norm(values))  # finite, beyond float64
             else:
                 bad.append(self._param_name(group, index, param))
         if not bad:
@@ -509,7 +508,12 @@ class SVDGradient(Optimizer):
         return matrix
 
     def _low_rank(
-        self, group: dict[str, Any], param: Tensor, matrix: Tensor, norm: Tensor, sync_free: bool
+        self,
+        group: dict[str, Any],
+        param: Tensor,
+        matrix: Tensor,
+        norm: Tensor | float,
+        sync_free: bool,
     ) -> lowrank.LowRankResult:
         method = group["method"]
         if method == "exact":
@@ -535,7 +539,7 @@ class SVDGradient(Optimizer):
             sync_free=sync_free,
         )
 
-    def _project(self, group: dict[str, Any], param: Tensor, norm: Tensor) -> None:
+    def _project(self, group: dict[str, Any], param: Tensor, norm: float) -> None:
         grad = param.grad
         assert grad is not None
         matrix = self._matrix_of(grad, group)
@@ -546,8 +550,8 @@ class SVDGradient(Optimizer):
         result = self._low_rank(group, param, matrix, norm, sync_free=False)
         if result.basis is not None:
             state["basis"] = result.basis
-        state["energy"] = lowrank.captured_energy(result.singular_values, norm)
-        state["certificate"] = result.certificate
+        state["energy"] = _as_tensor(result.energy, grad.device)
+        state["certificate"] = float(result.certificate)
         self.escalations[lowrank.ESCALATION_LEVELS[result.escalation]] += 1
         grad.copy_(result.approx.reshape(grad.shape))
 
@@ -587,9 +591,9 @@ class SVDGradient(Optimizer):
                 state["basis"] = (
                     result.basis if old is None else torch.where(finite, result.basis, old)
                 )
-            state["energy"] = lowrank.captured_energy(result.singular_values, safe_norm)
+            state["energy"] = _as_tensor(result.energy, device)
             state["certificate"] = result.certificate
-            certificates[id(param)] = result.certificate
+            certificates[id(param)] = torch.as_tensor(result.certificate, device=device)
             grad.copy_(result.approx.reshape(grad.shape))
         self._forget_energy_without_grad()
         pending = _PendingStep(finite, certificates)
@@ -651,6 +655,13 @@ class _PendingStep:
     def undo_host_counters(self) -> None:
         for tensor, before in self.host_counters:
             tensor.copy_(before)
+
+
+def _as_tensor(value: Tensor | float, device: torch.device) -> Tensor:
+    """A 0-d float64 tensor on ``device`` (energies are summed on the device by the trainer)."""
+    if isinstance(value, Tensor):
+        return value.double()
+    return torch.tensor(value, dtype=torch.float64, device=device)
 
 
 def _own_settings(group: dict[str, Any]) -> tuple[str, ...]:
