@@ -107,7 +107,7 @@ def test_shares_param_groups_with_the_base_optimizer() -> None:
     assert optimizer.param_groups[0]["lr"] == 0.5
     group = base.param_groups[0]
     assert (group["rank"], group["method"]) == (K, "subspace")  # "default" resolved
-    assert (group["oversample"], group["power_iters"]) == (8, 1)
+    assert (group["oversample"], group["power_iters"]) == (32 - K, 0)
 
 
 def test_works_with_an_lr_scheduler() -> None:

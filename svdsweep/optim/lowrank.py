@@ -79,26 +79,46 @@ from torch import Tensor
 #: Power iterations of a subspace iteration that starts from a random basis.
 COLD_START_POWER_ITERS = 2
 
+#: Power iterations of the widened basis at escalation level 1.
+WIDEN_POWER_ITERS = 1
+
 #: The fraction of the optimal top-k energy every certified step keeps.
 CERTIFIED_FRACTION = 0.99
+
+#: The fast methods' basis holds at least this many columns by default.
+MIN_BASIS_WIDTH = 32
 
 #: Escalation levels, as recorded in :attr:`LowRankResult.escalation`.
 ESCALATION_LEVELS = ("none", "widened", "exact")
 
 #: Steps of subspace iteration on the small Gram matrix in the sync-free
-#: variant (each multiplies by the Gram matrix squared): enough to converge the
-#: top-k energy of the default workload's gradients to float32 resolution.
-SMALL_EIGEN_ITERS = 6
+#: variant: its top-k energy converges like (λ_{k+1}/λ_k)^(2·steps), below 1e-4 of
+#: the energy on every case of the spectra suite.
+SMALL_EIGEN_ITERS = 16
 
 __all__ = [
     "CERTIFIED_FRACTION",
     "ESCALATION_LEVELS",
     "LowRankResult",
+    "default_oversample",
     "captured_energy",
     "exact_low_rank",
     "randomized_low_rank",
     "subspace_low_rank",
 ]
+
+
+def default_oversample(rank: int) -> int:
+    """p = max(8, 32 − k): a basis of at least :data:`MIN_BASIS_WIDTH` columns.
+
+    The certificate's slack is the energy outside the basis. On the default
+    MLP's 256x784 gradients a 17-column basis (k=9, p=8) leaves more than 1 %
+    of the top-9 energy outside on about a quarter of the steps, which then
+    escalate; a 32-column basis on about 2 % (BENCHMARKS.md). Warm-started,
+    the wider basis needs no power iteration (q=0), so it costs less than the
+    narrow one with q=1.
+    """
+    return max(8, MIN_BASIS_WIDTH - rank)
 
 
 class LowRankResult:
@@ -177,7 +197,7 @@ def randomized_low_rank(
     matrix: Tensor,
     rank: int,
     *,
-    oversample: int = 8,
+    oversample: int | None = None,
     power_iters: int = 2,
     generator: torch.Generator | None = None,
     frobenius_norm: Tensor | None = None,
@@ -188,6 +208,7 @@ def randomized_low_rank(
     ``frobenius_norm`` is ‖G‖ if the caller has it (computed otherwise);
     ``certify`` the fraction below which the call escalates (``None``: never).
     """
+    oversample = default_oversample(rank) if oversample is None else oversample
     _check_matrix(matrix, rank, oversample, power_iters)
     width = rank + oversample
     shortcut = _without_sketch(matrix, rank, width)
@@ -205,8 +226,8 @@ def subspace_low_rank(
     rank: int,
     basis: Tensor | None,
     *,
-    oversample: int = 8,
-    power_iters: int = 1,
+    oversample: int | None = None,
+    power_iters: int = 0,
     generator: torch.Generator | None = None,
     frobenius_norm: Tensor | None = None,
     certify: float | None = CERTIFIED_FRACTION,
@@ -222,6 +243,7 @@ def subspace_low_rank(
     call never escalates (that would need a host read); it mixes fresh columns
     in instead and leaves the certificate for the caller to read.
     """
+    oversample = default_oversample(rank) if oversample is None else oversample
     _check_matrix(matrix, rank, oversample, power_iters)
     width = rank + oversample
     shortcut = _without_sketch(matrix, rank, width)
@@ -380,18 +402,20 @@ def _cholesky_orthonormal(columns: Tensor) -> Tensor:
     (which, unlike ``cholesky``, does not check its status on the host) and a
     triangular solve. In float64 one pass is orthonormal to ~κ²·1e-16, so the
     second pass that float32 CholeskyQR2 needs is unnecessary. The Gram matrix
-    is shifted by 1e-10 of its trace (Fukaya, Kannan, Nakatsukasa, Yamamoto &
+    is shifted by 11·(mn + n(n+1))·u times its trace (Fukaya, Kannan, Nakatsukasa, Yamamoto &
     Yanagisawa, "Shifted Cholesky QR for computing the QR factorization of
     ill-conditioned matrices", SIAM J. Sci. Comput. 2020), so the
     factorisation exists for rank-deficient input: directions holding less
-    than ~1e-10 of the energy come out shrunk towards zero instead of being
+    than about that fraction of the energy come out shrunk towards zero instead of being
     blown up into noise, and contribute nothing to a projection. Like
     Gram–Schmidt, the first j output columns span the first j input columns.
     """
     work = columns.double()
     gram = work.T @ work
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    shift = 1e-10 * gram.diagonal().sum() + torch.finfo(torch.float64).tiny
+    rows, width = work.shape
+    roundoff = 11 * (rows * width + width * (width + 1)) * torch.finfo(torch.float64).eps
+    shift = roundoff * gram.diagonal().sum() + torch.finfo(torch.float64).tiny
     factor, _ = torch.linalg.cholesky_ex(gram + shift * eye, upper=True)
     q = torch.linalg.solve_triangular(factor, work, upper=True, left=False)
     return q.to(columns.dtype)
@@ -493,7 +517,7 @@ def _sync_free_iterate_and_extract(
     """:func:`_iterate_and_extract` with matmuls, ``cholesky_ex`` and triangular solves only.
 
     The small eigenproblem is solved approximately: simultaneous iteration on
-    the squared w x w Gram matrix, re-orthonormalised by Cholesky QR, then
+    the w x w Gram matrix, re-orthonormalised by Cholesky QR, then
     sorted by the energy each column captures (``argsort`` runs on the device), so that the
     next basis has the column order (largest first) that the warm start and
     :func:`_mix_fresh_columns` rely on. The captured energy reported is that of
@@ -506,14 +530,14 @@ def _sync_free_iterate_and_extract(
     left = _cholesky_orthonormal(work @ right_basis)
     projected = (left.T @ work) * scale
     gram = projected @ projected.T
-    squared = gram @ gram
-    squared = squared / squared.diagonal().sum().clamp_min(torch.finfo(gram.dtype).tiny)
-    # Start from the coordinate vectors, largest diagonal first: Cholesky QR orthogonalises
-    # in column order, so directions the basis lost (zero columns) must not come first.
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    # Simultaneous iteration on the Gram matrix itself, in float64: a higher power per
+    # orthonormalisation would square the contrast that the Cholesky shift must stay below.
+    power = gram.double() / gram.diagonal().sum().double().clamp_min(1e-300)
+    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
     eigvecs = eye[:, torch.argsort(gram.diagonal(), descending=True)]
     for _ in range(SMALL_EIGEN_ITERS):
-        eigvecs = _cholesky_orthonormal(squared @ eigvecs)
+        eigvecs = _cholesky_orthonormal(power @ eigvecs)
+    eigvecs = eigvecs.to(gram.dtype)
     # Energy per column, not the Rayleigh quotient: a column the shifted Cholesky QR shrank
     # (no direction left for it) must sort last, whatever direction its remnant points in.
     energies = (eigvecs * (gram @ eigvecs)).sum(0)
@@ -557,7 +581,7 @@ def _escalate(
     if wide < min(work.shape):
         fresh = _gaussian((work.shape[1], width), work, generator)
         start = _orthonormal(torch.cat([extracted.basis, fresh], dim=1))
-        widened = _iterate_and_extract(work, scale, total, start, rank, COLD_START_POWER_ITERS)
+        widened = _iterate_and_extract(work, scale, total, start, rank, WIDEN_POWER_ITERS)
         widened.basis = widened.basis[:, :width]
         widened.escalation = 1
         if widened.certificate >= certify:

@@ -30,10 +30,11 @@ METHODS = ("exact", "randomized", "subspace")
 DEFAULT_METHOD = "subspace"
 
 #: Per-method defaults of the accuracy knobs (see :mod:`svdsweep.optim.lowrank`).
-_KNOB_DEFAULTS: dict[str, dict[str, int]] = {
+#: ``oversample=None`` in this table means :func:`~svdsweep.optim.lowrank.default_oversample`.
+_KNOB_DEFAULTS: dict[str, dict[str, int | None]] = {
     "exact": {"oversample": 0, "power_iters": 0},
-    "randomized": {"oversample": 8, "power_iters": 2},
-    "subspace": {"oversample": 8, "power_iters": 1},
+    "randomized": {"oversample": None, "power_iters": 2},
+    "subspace": {"oversample": None, "power_iters": 0},
 }
 
 NONFINITE_POLICIES = ("raise", "skip")
@@ -81,10 +82,11 @@ class SVDGradient(Optimizer):
             ``"randomized"`` (Halko et al. sketch, stateless), ``"subspace"``
             (subspace iteration warm-started from the previous step, as in
             PowerSGD) or ``"default"`` (= :data:`DEFAULT_METHOD`).
-        oversample: extra basis vectors of the fast methods (``None``: the
-            method's default, 8).
+        oversample: extra basis vectors of the fast methods (``None``:
+            :func:`~svdsweep.optim.lowrank.default_oversample`, max(8, 32 − k)).
         power_iters: extra power iterations per step of the fast methods
-            (``None``: 2 for ``randomized``, 1 for ``subspace``).
+            (``None``: 2 for ``randomized``, 0 for ``subspace``, whose warm
+            basis plus the certificate's escalation make iterations a loss).
         reshape_conv: also project conv kernels' gradients, reshaped to
             ``(out, in * kh * kw)``. Off by default, as in the original
             experiment.
@@ -698,6 +700,8 @@ def _group_settings(rank: Any, method: Any, oversample: Any, power_iters: Any) -
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {('default', *METHODS)}")
     knobs = dict(_KNOB_DEFAULTS[method])
+    if knobs["oversample"] is None:
+        knobs["oversample"] = lowrank.default_oversample(rank)
     for name, value in (("oversample", oversample), ("power_iters", power_iters)):
         if value is None:
             continue
