@@ -343,8 +343,8 @@ def test_state_dict_holds_bases_for_the_subspace_method() -> None:
     # 1.weight (index 0) and 3.weight (index 2) have warm-start bases; the 10x128 head
     # takes the Gram path and keeps none.
     assert sorted(state["projection_state"]) == [0, 2, 4]
-    assert state["projection_state"][0]["basis"].shape == (784, K + 8)
-    assert state["projection_state"][2]["basis"].shape == (256, K + 8)
+    assert state["projection_state"][0]["basis"].shape == (784, 32)  # max(k + 8, 32) columns
+    assert state["projection_state"][2]["basis"].shape == (256, 32)
     assert "basis" not in state["projection_state"][4]
 
 
