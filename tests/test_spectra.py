@@ -83,6 +83,8 @@ def test_sync_free_variant_keeps_the_floor_where_the_basis_can_follow() -> None:
     assert set(short) <= {"flat (Gaussian)", "moving support", "moving support, decaying"}, short
     for name in ("decaying 1/i", "exponential", "rotating subspace", "torch.float16"):
         assert min(result.ratios[name]) >= FLOOR, name
+    short_count = sum(ratio < FLOOR for ratios in result.ratios.values() for ratio in ratios)
+    assert result.flagged >= short_count > 0  # every short step is flagged for a restart
 
 
 def test_moving_support_is_found_at_every_step_through_the_wrapper() -> None:

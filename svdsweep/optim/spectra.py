@@ -158,6 +158,9 @@ class SuiteResult:
     )
     #: Steps whose certificate exceeded the captured/optimal ratio it bounds (must be 0).
     unsound_certificates: int = 0
+    #: Steps whose final certificate is below the floor (the sync-free variant's are read
+    #: later and restart the basis; the certified methods escalate instead).
+    flagged: int = 0
     ratios: dict[str, list[float]] = field(default_factory=dict)
 
     @property
@@ -199,8 +202,11 @@ def run_suite(method: str, seed: int = 0) -> SuiteResult:
             ratios.append(ratio)
             result.steps += 1
             result.escalations[lowrank.ESCALATION_LEVELS[outcome.escalation]] += 1
-            if float(outcome.certificate) > ratio + _rounding_allowance(matrix.dtype):
+            certificate = float(outcome.certificate)
+            if certificate > ratio + _rounding_allowance(matrix.dtype):
                 result.unsound_certificates += 1
+            if certificate < lowrank.CERTIFIED_FRACTION:
+                result.flagged += 1
             if ratio < result.worst_ratio:
                 result.worst_ratio, result.worst_case = ratio, case.name
     return result
