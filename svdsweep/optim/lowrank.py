@@ -246,7 +246,7 @@ def subspace_low_rank(
     oversample = default_oversample(rank) if oversample is None else oversample
     _check_matrix(matrix, rank, oversample, power_iters)
     width = rank + oversample
-    shortcut = _without_sketch(matrix, rank, width)
+    shortcut = _without_sketch(matrix, rank, width, sync_free=sync_free)
     if shortcut is not None:
         return shortcut
     work, scale, total = _scaled(matrix, frobenius_norm, on_host=not sync_free)
@@ -377,10 +377,17 @@ def _gaussian(shape: tuple[int, int], like: Tensor, generator: torch.Generator |
     """A Gaussian sketch on ``like``'s device, drawn on the generator's own device.
 
     Drawing on the generator's device lets a CPU generator (whose state is
-    easy to save) seed sketches for CUDA tensors too.
+    easy to save) seed sketches for CUDA tensors too. The copy goes through
+    pinned memory without blocking: a plain host-to-device copy would wait
+    for the stream, a host synchronisation on every step.
     """
     device = generator.device if generator is not None else like.device
-    return torch.randn(*shape, device=device, dtype=like.dtype, generator=generator).to(like.device)
+    sketch = torch.randn(*shape, device=device, dtype=like.dtype, generator=generator)
+    if sketch.device == like.device:
+        return sketch
+    if sketch.device.type == "cpu" and torch.cuda.is_available():
+        sketch = sketch.pin_memory()
+    return sketch.to(like.device, non_blocking=True)
 
 
 def _as_float(matrix: Tensor) -> Tensor:
@@ -530,18 +537,7 @@ def _sync_free_iterate_and_extract(
     left = _cholesky_orthonormal(work @ right_basis)
     projected = (left.T @ work) * scale
     gram = projected @ projected.T
-    # Simultaneous iteration on the Gram matrix itself, in float64: a higher power per
-    # orthonormalisation would square the contrast that the Cholesky shift must stay below.
-    power = gram.double() / gram.diagonal().sum().double().clamp_min(1e-300)
-    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
-    eigvecs = eye[:, torch.argsort(gram.diagonal(), descending=True)]
-    for _ in range(SMALL_EIGEN_ITERS):
-        eigvecs = _cholesky_orthonormal(power @ eigvecs)
-    eigvecs = eigvecs.to(gram.dtype)
-    # Energy per column, not the Rayleigh quotient: a column the shifted Cholesky QR shrank
-    # (no direction left for it) must sort last, whatever direction its remnant points in.
-    energies = (eigvecs * (gram @ eigvecs)).sum(0)
-    eigvecs = eigvecs[:, torch.argsort(energies, descending=True)]
+    eigvecs = _sorted_eigenvectors_sync_free(gram)
     top = eigvecs[:, :rank]
     ritz = (top.T @ gram @ top).diagonal().clamp_min(0)
     approx = (left @ top) @ (top.T @ projected)
@@ -556,6 +552,29 @@ def _sync_free_iterate_and_extract(
         energy=_energy(captured, total),
         certificate=certificate,
     )
+
+
+def _sorted_eigenvectors_sync_free(gram: Tensor) -> Tensor:
+    """Approximate eigenvectors of a small PSD matrix, largest first, without a host read.
+
+    Simultaneous iteration on the matrix itself, in float64, re-orthonormalised
+    by shifted Cholesky QR (a higher power per orthonormalisation would square
+    the contrast that the Cholesky shift must stay below), from the coordinate
+    vectors ordered by the diagonal: Cholesky QR orthogonalises in column
+    order, so directions the basis lost (zero columns) must not come first.
+    The result is sorted by the energy each column captures, not by Rayleigh
+    quotient: a column the shifted Cholesky QR shrank (no direction left for
+    it) must sort last, whatever direction its remnant points in.
+    """
+    power = gram.double() / gram.diagonal().sum().double().clamp_min(1e-300)
+    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+    eigvecs = eye[:, torch.argsort(gram.diagonal(), descending=True)]
+    for _ in range(SMALL_EIGEN_ITERS):
+        eigvecs = _cholesky_orthonormal(power @ eigvecs)
+    eigvecs = eigvecs.to(gram.dtype)
+    energies = (eigvecs * (gram @ eigvecs)).sum(0)
+    sorted_vectors: Tensor = eigvecs[:, torch.argsort(energies, descending=True)]
+    return sorted_vectors
 
 
 def _escalate(
@@ -600,25 +619,37 @@ def _escalate(
     )
 
 
-def _without_sketch(matrix: Tensor, rank: int, width: int) -> LowRankResult | None:
+def _without_sketch(
+    matrix: Tensor, rank: int, width: int, *, sync_free: bool = False
+) -> LowRankResult | None:
     """The fast methods' answer when a sketch of ``width`` columns would be pointless.
 
     Nothing to drop when ``rank >= min(m, n)``; the small Gram matrix when the
-    sketch would span the whole space. ``None`` when a sketch is worth it.
+    sketch would span the whole space (eigendecomposed by ``eigh``, or by
+    :func:`_sorted_eigenvectors_sync_free` on the sync-free path). ``None``
+    when a sketch is worth it.
     """
     if rank >= min(matrix.shape):
         return _unchanged(matrix)
-    if width >= min(matrix.shape):
-        work, scale, total = _scaled(matrix, None, on_host=False)
-        approx, squared, _ = _gram_low_rank(work * scale, rank, None)
-        return LowRankResult(
-            (approx / scale).to(matrix.dtype),
-            squared,
-            None,
-            scale=scale,
-            energy=_energy(squared.sum(), total),
-        )
-    return None
+    if width < min(matrix.shape):
+        return None
+    work, scale, total = _scaled(matrix, None, on_host=False)
+    work = work * scale
+    if not sync_free:
+        approx, squared, _ = _gram_low_rank(work, rank, None)
+    else:
+        wide = work.shape[0] > work.shape[1]
+        gram = work.T @ work if wide else work @ work.T
+        top = _sorted_eigenvectors_sync_free(gram)[:, :rank]
+        approx = (work @ top) @ top.T if wide else top @ (top.T @ work)
+        squared = (top * (gram @ top)).sum(0).clamp_min(0)
+    return LowRankResult(
+        (approx / scale).to(matrix.dtype),
+        squared,
+        None,
+        scale=scale,
+        energy=_energy(squared.sum(), total),
+    )
 
 
 def _gram_low_rank(work: Tensor, rank: int, width: int | None) -> tuple[Tensor, Tensor, Tensor]:
