@@ -143,9 +143,15 @@ class SVDGradient(Optimizer):
         ):
             raise ValueError(f"sync_every must be a positive int or None, got {sync_every!r}")
         settings = _group_settings(rank, method, oversample, power_iters)
+        requested = {
+            "rank": rank,
+            "method": method,
+            "oversample": oversample,
+            "power_iters": power_iters,
+        }
         # Validate every group's own settings before any group is changed.
         resolved = [
-            self._resolve(group, settings, _own_settings(group))
+            _resolve(group, requested, _own_settings(group))
             for group in base_optimizer.param_groups
         ]
         # Optimizer.__init__ sets up hooks and would copy the groups into a list
@@ -156,6 +162,7 @@ class SVDGradient(Optimizer):
         # OneCycleLR read them (`betas`, `momentum`) from there.
         super().__init__([torch.zeros(0)], {**base_optimizer.defaults, **settings})
         self.base_optimizer = base_optimizer
+        self._requested = requested
         self.state = defaultdict(dict)
         self.reshape_conv = bool(reshape_conv)
         self.nonfinite = nonfinite
@@ -201,7 +208,7 @@ class SVDGradient(Optimizer):
             # Optimizer.__init__'s placeholder group: track nothing.
             return
         own = _own_settings(param_group)
-        own_keys, values = self._resolve(param_group, self._wrapper_settings(), own)
+        own_keys, values = _resolve(param_group, self._requested, own)
         self.base_optimizer.add_param_group(param_group)
         self.param_groups[-1].update(values)
         self.param_groups[-1]["svd_own"] = own_keys
@@ -350,62 +357,44 @@ class SVDGradient(Optimizer):
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        flags = torch.stack([step.finite for step in pending]).cpu()
-        certificates = [step.certificates for step in pending]
-        target = lowrank.CERTIFIED_FRACTION
-        bad_steps = [step for step, ok in zip(pending, flags.tolist(), strict=True) if not ok]
+        certified = [(step, param_id) for step in pending for param_id in step.certificates]
+        read = torch.cat(
+            [
+                torch.stack([step.finite.double() for step in pending]),
+                torch.stack([step.certificates[param_id].double() for step, param_id in certified])
+                if certified
+                else torch.zeros(0, dtype=torch.float64, device=pending[0].finite.device),
+            ]
+        ).tolist()  # the one host read
+        finite = dict(zip(map(id, pending), (flag == 1.0 for flag in read), strict=True))
         restart: set[int] = set()
-        for step, ok, certs in zip(pending, flags.tolist(), certificates, strict=True):
-            if not ok or not certs:
-                continue
-            values = torch.stack(list(certs.values())).cpu().tolist()
-            for param_id, value in zip(certs, values, strict=True):
-                if value < target:
-                    self.uncertified_steps += 1
-                    restart.add(param_id)
-                else:
-                    self.escalations["none"] += 1
-            del step
+        for (step, param_id), value in zip(certified, read[len(pending) :], strict=True):
+            if not finite[id(step)]:
+                continue  # undone: its certificate certifies nothing
+            if value < lowrank.CERTIFIED_FRACTION:
+                self.uncertified_steps += 1
+                restart.add(param_id)
+            else:
+                self.escalations["none"] += 1
         for _, _, param in self._all_params():
             if id(param) in restart:
                 self.state[param].pop("basis", None)
+        bad_steps = [step for step in pending if not finite[id(step)]]
         for step in bad_steps:
             step.undo_host_counters()
-        if bad_steps:
-            if self.nonfinite == "raise":
-                raise NonFiniteGradientError(
-                    f"non-finite gradient (NaN or inf) in {len(bad_steps)} of the last "
-                    f"{len(pending)} steps (sync_every={self._sync_every()}); those steps "
-                    "changed neither parameters nor optimizer state. Lower the learning "
-                    "rate, or pass nonfinite='skip' to skip such steps"
-                )
+        if not bad_steps:
+            return
+        if self.nonfinite == "skip":
             self.skipped_steps += len(bad_steps)
+            return
+        raise NonFiniteGradientError(
+            f"non-finite gradient (NaN or inf) in {len(bad_steps)} of the last "
+            f"{len(pending)} steps (sync_every={self._sync_every()}); those steps "
+            "changed neither parameters nor optimizer state. Lower the learning "
+            "rate, or pass nonfinite='skip' to skip such steps"
+        )
 
     # -- internals -------------------------------------------------------------
-
-    def _wrapper_settings(self) -> dict[str, Any]:
-        return {key: self.defaults[key] for key in SETTING_KEYS}
-
-    @staticmethod
-    def _resolve(
-        group: dict[str, Any], settings: dict[str, Any], own: tuple[str, ...]
-    ) -> tuple[tuple[str, ...], dict[str, Any]]:
-        """A group's own svd settings where it has them, ``settings`` elsewhere; validated."""
-        method = group["method"] if "method" in own else settings["method"]
-        same_method = method in ("default", settings["method"])
-
-        def knob(name: str) -> Any:
-            if name in own:
-                return group[name]
-            return settings[name] if same_method else None
-
-        values = _group_settings(
-            group["rank"] if "rank" in own else settings["rank"],
-            method,
-            knob("oversample"),
-            knob("power_iters"),
-        )
-        return own, values
 
     def _sync_every(self) -> int:
         if self.sync_every is not None:
@@ -664,6 +653,34 @@ def _as_tensor(value: Tensor | float, device: torch.device) -> Tensor:
     if isinstance(value, Tensor):
         return value.double()
     return torch.tensor(value, dtype=torch.float64, device=device)
+
+
+def _resolve(
+    group: dict[str, Any], requested: dict[str, Any], own: tuple[str, ...]
+) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """A group's own svd settings where it has them, the wrapper's elsewhere; validated.
+
+    ``requested`` holds the wrapper's arguments as given (``None`` knobs stay
+    ``None``), so that a group of another rank or method gets that rank's and
+    method's default knobs rather than ones resolved for the wrapper's.
+    """
+    method = group["method"] if "method" in own else requested["method"]
+    same_method = method in ("default", requested["method"]) or (
+        method == DEFAULT_METHOD and requested["method"] == "default"
+    )
+
+    def knob(name: str) -> Any:
+        if name in own:
+            return group[name]
+        return requested[name] if same_method else None
+
+    values = _group_settings(
+        group["rank"] if "rank" in own else requested["rank"],
+        method,
+        knob("oversample"),
+        knob("power_iters"),
+    )
+    return own, values
 
 
 def _own_settings(group: dict[str, Any]) -> tuple[str, ...]:
