@@ -376,3 +376,11 @@ def test_sync_free_mode_restarts_a_basis_whose_certificate_fell_short() -> None:
         optimizer.step()
     assert optimizer.diagnostics()["uncertified_steps"] >= 1
     assert "basis" not in optimizer.state[param]  # the next step starts cold
+
+
+def test_a_group_of_another_rank_gets_that_ranks_default_basis() -> None:
+    model = mlp()
+    optimizer = SVDGradient(torch.optim.Adam([model[1].weight], lr=1e-3), rank=3)
+    optimizer.add_param_group({"params": [model[3].weight], "rank": 40})
+    optimizer.add_param_group({"params": [model[5].weight], "rank": 2, "oversample": 5})
+    assert [group["oversample"] for group in optimizer.param_groups] == [29, 8, 5]
