@@ -37,7 +37,7 @@ captured energy is ``Σ_{i≤k} θ_i²`` exactly, so
 
 is a guaranteed lower bound, not an estimate. When it is below the target
 (:data:`CERTIFIED_FRACTION`, 0.99) the call *escalates*: first the basis is
-widened with ``w`` fresh Gaussian columns and iterated twice with full
+widened with ``w`` fresh Gaussian columns and iterated once with full
 re-orthonormalisation (this finds directions a stale warm start misses, e.g.
 when a gradient's support moves), then, if the wider bound still falls short,
 the exact top-k subspace is taken from the eigendecomposition of the smaller
@@ -590,7 +590,7 @@ def _escalate(
     """Widens, then solves exactly, until the certificate reaches ``certify``.
 
     Level 1 keeps the current basis and adds ``width`` fresh Gaussian columns,
-    then iterates twice with QR; the next warm start is its top ``width``
+    then iterates :data:`WIDEN_POWER_ITERS` times with QR; the next warm start is its top ``width``
     Ritz vectors, so the basis follows the new subspace. Level 2 is exact
     (certificate 1).
     """
