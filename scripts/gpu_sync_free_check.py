@@ -100,8 +100,10 @@ def step_times(setups: dict, data: tuple, device: torch.device, steps: int = 160
     for kind, values in times.items():
         median = statistics.median(values)
         rounds = ", ".join(f"{value:.3f}" for value in values)
-        print(f"step time, {kind}: {median:.3f} ms (rounds {rounds}); "
-              f"ratio to Adam {median / adam:.2f}x")
+        print(
+            f"step time, {kind}: {median:.3f} ms (rounds {rounds}); "
+            f"ratio to Adam {median / adam:.2f}x"
+        )
 
 
 def host_syncs(setups: dict, data: tuple, device: torch.device) -> None:
@@ -154,10 +156,15 @@ def low_rank_agreement(device: torch.device) -> None:
             basis = result.basis
             optimal = torch.linalg.svdvals(reference)[:K].square().sum()
             ratios.append(float(result.approx.cpu().double().square().sum() / optimal))
-    print(f"sync-free low-rank on {device.type} against a CPU float64 SVD: energy ratio median "
-          f"{statistics.median(ratios):.6f}, min {min(ratios):.6f} over {len(ratios)} matrices")
-    check("sync-free low-rank", min(ratios) >= 0.99 and max(ratios) <= 1 + 1e-4,
-          (min(ratios), max(ratios)))
+    print(
+        f"sync-free low-rank on {device.type} against a CPU float64 SVD: energy ratio median "
+        f"{statistics.median(ratios):.6f}, min {min(ratios):.6f} over {len(ratios)} matrices"
+    )
+    check(
+        "sync-free low-rank",
+        min(ratios) >= 0.99 and max(ratios) <= 1 + 1e-4,
+        (min(ratios), max(ratios)),
+    )
 
 
 def training_agreement(images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> None:
@@ -172,11 +179,16 @@ def training_agreement(images: torch.Tensor, labels: torch.Tensor, device: torch
         finals[kind] = (loss, optimizer.energy_fractions(), optimizer.diagnostics())
     (loss_device, energy_device, diagnostics), (loss_cpu, energy_cpu, _) = finals.values()
     gap = max(abs(energy_device[name] - energy_cpu[name]) for name in energy_cpu)
-    print(f"40 steps: loss {loss_device:.4f} (sync-free, {device.type}) against {loss_cpu:.4f} "
-          f"(certified, cpu); largest per-layer energy difference {gap:.4f}; "
-          f"sync-free diagnostics {diagnostics}")
-    check("training agreement", abs(loss_device - loss_cpu) <= 0.05 * loss_cpu and gap <= 0.02,
-          (loss_device, loss_cpu, gap))
+    print(
+        f"40 steps: loss {loss_device:.4f} (sync-free, {device.type}) against {loss_cpu:.4f} "
+        f"(certified, cpu); largest per-layer energy difference {gap:.4f}; "
+        f"sync-free diagnostics {diagnostics}"
+    )
+    check(
+        "training agreement",
+        abs(loss_device - loss_cpu) <= 0.05 * loss_cpu and gap <= 0.02,
+        (loss_device, loss_cpu, gap),
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -308,7 +307,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _sample_quality(variant: Variant, model_name: str, splits: Splits, steps: int) -> dict[str, Any]:
+def _sample_quality(
+    variant: Variant, model_name: str, splits: Splits, steps: int
+) -> dict[str, Any]:
     """Trains ``variant`` for ``steps`` steps, comparing each projection with the exact one."""
     device = splits.train_x.device
     k = variant.k or 0

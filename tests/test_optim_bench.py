@@ -1,4 +1,4 @@
-"""`svdsweep bench optimizer`'s pieces on a small slice: what it times and samples is what it says."""
+"""`svdsweep bench optimizer`'s pieces on a small slice: it times and samples what it says."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from svdsweep.optim import SVDGradient
 
 
 def small(splits: Splits, images: int) -> Splits:
-    return dataclasses.replace(splits, train_x=splits.train_x[:images], train_y=splits.train_y[:images])
+    return dataclasses.replace(
+        splits, train_x=splits.train_x[:images], train_y=splits.train_y[:images]
+    )
 
 
 def test_variants_build_what_their_names_say() -> None:
@@ -20,7 +22,10 @@ def test_variants_build_what_their_names_say() -> None:
     model = torch.nn.Linear(4, 4)
     previous = rows["subspace p=8 q=1 (previous default)"].build(model, 0)
     assert isinstance(previous, SVDGradient)
-    assert (previous.param_groups[0]["oversample"], previous.param_groups[0]["power_iters"]) == (8, 1)
+    assert (previous.param_groups[0]["oversample"], previous.param_groups[0]["power_iters"]) == (
+        8,
+        1,
+    )
     assert rows["subspace sync-free (sync_every=16)"].build(model, 0).sync_every == 16
     assert {rows[f"default, k={k}"].k for k in bench.EXTRA_RANKS} == set(bench.EXTRA_RANKS)
     assert isinstance(rows["adam, 1 thread"].build(model, 0), torch.optim.Adam)
@@ -29,7 +34,9 @@ def test_variants_build_what_their_names_say() -> None:
 
 def test_an_epoch_is_timed_and_the_thread_count_restored(fashion_splits: Splits) -> None:
     threads = torch.get_num_threads()
-    seconds = bench._epoch(bench.Variant("default, 1 thread", 9, threads=1), small(fashion_splits, 512), 0)
+    seconds = bench._epoch(
+        bench.Variant("default, 1 thread", 9, threads=1), small(fashion_splits, 512), 0
+    )
     assert seconds > 0
     assert torch.get_num_threads() == threads
 

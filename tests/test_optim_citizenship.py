@@ -25,8 +25,9 @@ K = 3
 
 def mlp(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Flatten(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
-                         nn.Linear(12, 4))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4)
+    )
 
 
 def batch(step: int) -> tuple[Tensor, Tensor]:
@@ -122,8 +123,9 @@ def test_a_wrapper_around_a_wrapper_projects_once_at_the_outer_rank() -> None:
 
 def test_a_group_keeps_its_own_rank_under_a_second_wrapper() -> None:
     model = mlp()
-    base = torch.optim.Adam([{"params": model[1].parameters(), "rank": 2},
-                             {"params": model[3].parameters()}], lr=1e-2)
+    base = torch.optim.Adam(
+        [{"params": model[1].parameters(), "rank": 2}, {"params": model[3].parameters()}], lr=1e-2
+    )
     SVDGradient(base, rank=4)
     SVDGradient(base, rank=6)
     assert [group["rank"] for group in base.param_groups] == [2, 6]
@@ -154,8 +156,9 @@ def test_sparse_gradients_pass_through_untouched(base_class: type) -> None:
     torch.manual_seed(0)
     embedding = nn.Embedding(50, 8, sparse=True)
     linear = nn.Linear(8, 6)
-    optimizer = SVDGradient(base_class([*embedding.parameters(), *linear.parameters()], lr=0.1),
-                            rank=2)
+    optimizer = SVDGradient(
+        base_class([*embedding.parameters(), *linear.parameters()], lr=0.1), rank=2
+    )
     tokens = torch.randint(0, 50, (20,))
     linear(embedding(tokens)).square().sum().backward()
     sparse_before = embedding.weight.grad.clone()
@@ -172,8 +175,9 @@ def test_sparse_gradients_pass_through_untouched(base_class: type) -> None:
 def test_a_sparse_nan_is_caught_before_anything_changes() -> None:
     embedding = nn.Embedding(10, 4, sparse=True)
     linear = nn.Linear(4, 6)
-    optimizer = SVDGradient(torch.optim.SGD([*embedding.parameters(), *linear.parameters()],
-                                            lr=0.1), rank=2)
+    optimizer = SVDGradient(
+        torch.optim.SGD([*embedding.parameters(), *linear.parameters()], lr=0.1), rank=2
+    )
     linear(embedding(torch.tensor([1, 2]))).sum().backward()
     embedding.weight.grad = torch.sparse_coo_tensor([[1]], [[float("nan")] * 4], (10, 4))
     grad_before = linear.weight.grad.clone()
@@ -282,8 +286,9 @@ def test_a_tied_weight_is_projected_once() -> None:
     embedding = nn.Embedding(12, 8)
     head = nn.Linear(8, 12, bias=False)
     head.weight = embedding.weight  # tied
-    optimizer = SVDGradient(torch.optim.SGD(nn.ModuleList([embedding, head]).parameters(), lr=0.0),
-                            rank=2)
+    optimizer = SVDGradient(
+        torch.optim.SGD(nn.ModuleList([embedding, head]).parameters(), lr=0.0), rank=2
+    )
     tokens = torch.randint(0, 12, (16,))
     F.cross_entropy(head(embedding(tokens)), tokens).backward()
     optimizer.step()
@@ -315,10 +320,12 @@ def test_step_hooks_run_around_the_projection() -> None:
     model = mlp()
     optimizer = SVDGradient(torch.optim.Adam(model.parameters()), rank=K)
     seen: list[int] = []
-    optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(
-        rank_of(model[1].weight.grad)))
-    optimizer.register_step_post_hook(lambda opt, args, kwargs: seen.append(
-        rank_of(model[1].weight.grad)))
+    optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.append(rank_of(model[1].weight.grad))
+    )
+    optimizer.register_step_post_hook(
+        lambda opt, args, kwargs: seen.append(rank_of(model[1].weight.grad))
+    )
     train(model, optimizer, range(1))
     assert seen[0] > K and seen[1] == K
 
@@ -331,8 +338,9 @@ def test_sync_free_mode_trains_like_the_certified_mode() -> None:
     losses = {}
     for sync_every in (1, 4):
         model = mlp()
-        optimizer = SVDGradient(torch.optim.Adam(model.parameters(), lr=1e-2), rank=K,
-                                sync_every=sync_every)
+        optimizer = SVDGradient(
+            torch.optim.Adam(model.parameters(), lr=1e-2), rank=K, sync_every=sync_every
+        )
         train(model, optimizer, range(12))
         losses[sync_every] = loss_of(model, 99).item()
         diagnostics = optimizer.diagnostics()
@@ -343,8 +351,9 @@ def test_sync_free_mode_trains_like_the_certified_mode() -> None:
 @pytest.mark.parametrize("policy", ["raise", "skip"])
 def test_sync_free_mode_undoes_a_nonfinite_step_and_reports_it_at_the_read(policy: str) -> None:
     model = mlp()
-    optimizer = SVDGradient(torch.optim.Adam(model.parameters(), lr=1e-2), rank=K,
-                            sync_every=3, nonfinite=policy)
+    optimizer = SVDGradient(
+        torch.optim.Adam(model.parameters(), lr=1e-2), rank=K, sync_every=3, nonfinite=policy
+    )
     train(model, optimizer, range(3))  # read at step 3: all finite
     before = params(model)
     state_before = copy.deepcopy(optimizer.base_optimizer.state_dict())

@@ -39,7 +39,7 @@ def test_the_corpus_covers_what_the_issue_lists() -> None:
     for dtype in ("float16", "bfloat16", "float32", "float64"):
         assert dtype in names
     assert "1e+20" in names and "1e-30" in names and "non-contiguous" in names
-    strided = [case for case in spectra.cases() if "strided" in case.name][0]
+    strided = next(case for case in spectra.cases() if "strided" in case.name)
     assert not strided.matrices[0].is_contiguous()
 
 
@@ -116,8 +116,9 @@ def test_extreme_but_finite_gradients_are_projected_and_reported_right(
     generator = torch.Generator().manual_seed(1)
     gradient = (torch.randn(40, 30, generator=generator, dtype=torch.float64) * magnitude).to(dtype)
     param = nn.Parameter(torch.zeros(40, 30, dtype=dtype))
-    optimizer = SVDGradient(torch.optim.SGD([param], lr=0.0), rank=3, method=method,
-                            nonfinite="skip")
+    optimizer = SVDGradient(
+        torch.optim.SGD([param], lr=0.0), rank=3, method=method, nonfinite="skip"
+    )
     param.grad = gradient.clone()
     optimizer.step()  # raised NonFiniteGradientError (or skipped) before: the norm overflowed
 

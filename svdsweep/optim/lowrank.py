@@ -100,8 +100,8 @@ __all__ = [
     "CERTIFIED_FRACTION",
     "ESCALATION_LEVELS",
     "LowRankResult",
-    "default_oversample",
     "captured_energy",
+    "default_oversample",
     "exact_low_rank",
     "randomized_low_rank",
     "subspace_low_rank",
@@ -200,7 +200,7 @@ def randomized_low_rank(
     oversample: int | None = None,
     power_iters: int = 2,
     generator: torch.Generator | None = None,
-    frobenius_norm: Tensor | None = None,
+    frobenius_norm: Tensor | float | None = None,
     certify: float | None = CERTIFIED_FRACTION,
 ) -> LowRankResult:
     """Randomized SVD (Halko et al. 2011, Alg. 4.4) with Rayleigh–Ritz, certified.
@@ -229,7 +229,7 @@ def subspace_low_rank(
     oversample: int | None = None,
     power_iters: int = 0,
     generator: torch.Generator | None = None,
-    frobenius_norm: Tensor | None = None,
+    frobenius_norm: Tensor | float | None = None,
     certify: float | None = CERTIFIED_FRACTION,
     sync_free: bool = False,
 ) -> LowRankResult:
@@ -424,7 +424,7 @@ def _cholesky_orthonormal(columns: Tensor) -> Tensor:
     roundoff = 11 * (rows * width + width * (width + 1)) * torch.finfo(torch.float64).eps
     shift = roundoff * gram.diagonal().sum() + torch.finfo(torch.float64).tiny
     factor, _ = torch.linalg.cholesky_ex(gram + shift * eye, upper=True)
-    q = torch.linalg.solve_triangular(factor, work, upper=True, left=False)
+    q: Tensor = torch.linalg.solve_triangular(factor, work, upper=True, left=False)
     return q.to(columns.dtype)
 
 
@@ -450,7 +450,7 @@ def _certificate(captured: Tensor | float, inside: Tensor | float, total: Tensor
     """
     slack = 64 * torch.finfo(torch.float32).eps
     if isinstance(captured, Tensor):
-        outside_t = (total - inside).clamp_min(0) + slack * total
+        outside_t = torch.as_tensor(total - inside).clamp_min(0) + slack * total
         bound = captured / (captured + outside_t).clamp_min(torch.finfo(captured.dtype).tiny)
         return torch.where(torch.as_tensor(total) > 0, bound, 1.0).double()
     assert not isinstance(inside, Tensor) and not isinstance(total, Tensor)

@@ -45,7 +45,9 @@ def _orthonormal(rows: int, cols: int, generator: torch.Generator) -> Tensor:
     return q
 
 
-def _with_spectrum(spectrum: Tensor, generator: torch.Generator, m: int = _M, n: int = _N) -> Tensor:
+def _with_spectrum(
+    spectrum: Tensor, generator: torch.Generator, m: int = _M, n: int = _N
+) -> Tensor:
     u = _orthonormal(m, len(spectrum), generator)
     v = _orthonormal(n, len(spectrum), generator)
     matrix: Tensor = (u * spectrum) @ v.T
@@ -86,7 +88,8 @@ def cases(seed: int = 0) -> Iterator[SpectrumCase]:
         "rank-deficient (rank 2)", _drifting(spectrum(torch.tensor([3.0, 1.0])), generator, 0.0)
     )
     yield SpectrumCase(
-        "rank k+2", _drifting(spectrum(torch.linspace(2, 1, RANK + 2, dtype=torch.float64)), generator, 0.0)
+        "rank k+2",
+        _drifting(spectrum(torch.linspace(2, 1, RANK + 2, dtype=torch.float64)), generator, 0.0),
     )
     left = torch.zeros(_M, _N, dtype=torch.float64)
     right = torch.zeros(_M, _N, dtype=torch.float64)
@@ -113,7 +116,9 @@ def cases(seed: int = 0) -> Iterator[SpectrumCase]:
     ):
         # Entries of `magnitude`: the norm alone overflows fp16 (> 65504) at 1e3.
         scaled = base / base.abs().amax() * magnitude
-        yield SpectrumCase(f"{dtype} entries ~{magnitude:g}", _cast(_drifting(scaled, generator), dtype))
+        yield SpectrumCase(
+            f"{dtype} entries ~{magnitude:g}", _cast(_drifting(scaled, generator), dtype)
+        )
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         yield SpectrumCase(f"{dtype}", _cast(_drifting(base, generator), dtype))
     tall = _drifting(_with_spectrum(1 / i, generator, _N, _M), generator)
@@ -126,7 +131,9 @@ def cases(seed: int = 0) -> Iterator[SpectrumCase]:
     yield SpectrumCase("non-contiguous (strided columns)", tuple(matrix[:, ::2] for matrix in wide))
 
 
-def _rotating(values: Tensor, generator: torch.Generator, angle: float = 0.15) -> tuple[Tensor, ...]:
+def _rotating(
+    values: Tensor, generator: torch.Generator, angle: float = 0.15
+) -> tuple[Tensor, ...]:
     """A fixed spectrum whose singular subspaces rotate by ``angle`` radians per step."""
     u = _orthonormal(_M, _M, generator)
     v = _orthonormal(_N, _N, generator)

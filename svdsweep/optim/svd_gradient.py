@@ -135,7 +135,8 @@ class SVDGradient(Optimizer):
             )
         if isinstance(base_optimizer, SVDGradient):
             # Two projections in a row would run at two ranks; this wrapper's settings win.
-            base_optimizer = base_optimizer.base_optimizer
+            inner: Optimizer = base_optimizer.__dict__["base_optimizer"]
+            base_optimizer = inner
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         if sync_every is not None and (
@@ -178,13 +179,14 @@ class SVDGradient(Optimizer):
 
     # -- torch.optim contract ------------------------------------------------
 
-    @property  # type: ignore[override]
+    @property
     def param_groups(self) -> list[dict[str, Any]]:
         """The base optimizer's own list of groups (shared, never copied)."""
         if "base_optimizer" in self.__dict__:
             groups: list[dict[str, Any]] = self.base_optimizer.param_groups
             return groups
-        return self.__dict__.setdefault("_placeholder_groups", [])
+        placeholder: list[dict[str, Any]] = self.__dict__.setdefault("_placeholder_groups", [])
+        return placeholder
 
     @param_groups.setter
     def param_groups(self, groups: list[dict[str, Any]]) -> None:
@@ -240,7 +242,7 @@ class SVDGradient(Optimizer):
             loss = self.base_optimizer.step(projected_closure)
         except _SkipStep as skipped:
             return skipped.loss  # type: ignore[no-any-return]
-        return loss  # type: ignore[no-any-return]
+        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
@@ -366,7 +368,9 @@ class SVDGradient(Optimizer):
                 else torch.zeros(0, dtype=torch.float64, device=pending[0].finite.device),
             ]
         ).tolist()  # the one host read
-        finite = dict(zip(map(id, pending), (flag == 1.0 for flag in read), strict=True))
+        finite = dict(
+            zip(map(id, pending), (flag == 1.0 for flag in read[: len(pending)]), strict=True)
+        )
         restart: set[int] = set()
         for (step, param_id), value in zip(certified, read[len(pending) :], strict=True):
             if not finite[id(step)]:
@@ -693,7 +697,7 @@ def _own_settings(group: dict[str, Any]) -> tuple[str, ...]:
 def _norms(grads: list[Tensor]) -> list[Tensor]:
     """Frobenius norms in float64, dense gradients in one fused kernel."""
     dense = [grad for grad in grads if not grad.is_sparse]
-    fused = iter(torch._foreach_norm(dense, 2, torch.float64) if dense else [])  # type: ignore[misc]
+    fused = iter(torch._foreach_norm(dense, 2, torch.float64) if dense else [])
     return [
         torch.linalg.vector_norm(grad.coalesce().values(), dtype=torch.float64)
         if grad.is_sparse
@@ -705,7 +709,8 @@ def _norms(grads: list[Tensor]) -> list[Tensor]:
 def _overflow_safe_norm(values: Tensor) -> Tensor:
     """‖x‖ for finite x whose squares overflow even float64: max|x| · ‖x / max|x|‖."""
     peak = values.abs().amax().double()
-    return peak * torch.linalg.vector_norm(values.double() / peak.clamp_min(1e-300))
+    norm: Tensor = peak * torch.linalg.vector_norm(values.double() / peak.clamp_min(1e-300))
+    return norm
 
 
 def _group_settings(rank: Any, method: Any, oversample: Any, power_iters: Any) -> dict[str, Any]:
@@ -726,4 +731,3 @@ def _group_settings(rank: Any, method: Any, oversample: Any, power_iters: Any) -
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         knobs[name] = value
     return {"rank": rank, "method": method, **knobs}
-
