@@ -13,9 +13,15 @@
 #   installs the wheelhouse into a private folder (pip --no-index --find-links), then
 #   1. trains Adam and SVD(Adam) k=9 for one epoch each with --device cuda;
 #   2. checks the exact and the fast low-rank methods on CUDA against a CPU float64 SVD;
-#   3. prints `svdsweep bench optimizer --device cuda --epochs 2`.
+#   3. scripts/gpu_sync_free_check.py: the SVD(Adam)/Adam step-time ratio (certified and
+#      sync-free modes), host synchronisations per step (torch.cuda.set_sync_debug_mode),
+#      agreement of the sync-free math with a CPU float64 SVD and of a short training with
+#      the certified CPU reference;
+#   4. prints `svdsweep bench optimizer --device cuda --epochs 2` (the longest step;
+#      GPU_CHECK_SKIP_BENCH=1 skips it).
 #
 # Environment: PYTHON (default python3, the interpreter that holds CUDA torch),
+# GPU_CHECK_SKIP_BENCH (1: skip step 4),
 # WHEELHOUSE (default ./wheelhouse), GPU_CHECK_DEVICE (default cuda; "cpu" runs the
 # same steps on the CPU, to try the script on a machine without a GPU),
 # GPU_CHECK_PYTHONS (--prepare: Python versions to fetch wheels for, default "3.12"
@@ -24,6 +30,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
+CHECKS=$(pwd)/scripts
 WHEELHOUSE=${WHEELHOUSE:-wheelhouse}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 # What `svdsweep train` and `svdsweep bench` import beyond torch, torchvision and numpy.
@@ -225,7 +232,15 @@ if failures:
 print("low-rank methods: OK")
 EOF
 
-# -- 3. the benchmark -----------------------------------------------------------------------
-echo "== svdsweep bench optimizer --device $DEVICE --epochs 2"
-svdsweep bench optimizer --device "$DEVICE" --epochs 2
+# -- 3. the sync-free step: time, host syncs, agreement with the CPU reference ---------------
+echo "== sync-free SVD(Adam) step on $DEVICE: step-time ratio, host syncs per step, CPU agreement"
+"$PYTHON" "$CHECKS/gpu_sync_free_check.py" "$DEVICE"
+
+# -- 4. the benchmark -----------------------------------------------------------------------
+if [ "${GPU_CHECK_SKIP_BENCH:-0}" = "1" ]; then
+  echo "== svdsweep bench optimizer: skipped (GPU_CHECK_SKIP_BENCH=1)"
+else
+  echo "== svdsweep bench optimizer --device $DEVICE --epochs 2"
+  svdsweep bench optimizer --device "$DEVICE" --epochs 2
+fi
 echo "gpu-check: all steps passed"

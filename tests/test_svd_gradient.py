@@ -107,7 +107,7 @@ def test_shares_param_groups_with_the_base_optimizer() -> None:
     assert optimizer.param_groups[0]["lr"] == 0.5
     group = base.param_groups[0]
     assert (group["rank"], group["method"]) == (K, "subspace")  # "default" resolved
-    assert (group["oversample"], group["power_iters"]) == (8, 1)
+    assert (group["oversample"], group["power_iters"]) == (32 - K, 0)
 
 
 def test_works_with_an_lr_scheduler() -> None:
@@ -343,8 +343,8 @@ def test_state_dict_holds_bases_for_the_subspace_method() -> None:
     # 1.weight (index 0) and 3.weight (index 2) have warm-start bases; the 10x128 head
     # takes the Gram path and keeps none.
     assert sorted(state["projection_state"]) == [0, 2, 4]
-    assert state["projection_state"][0]["basis"].shape == (784, K + 8)
-    assert state["projection_state"][2]["basis"].shape == (256, K + 8)
+    assert state["projection_state"][0]["basis"].shape == (784, 32)  # max(k + 8, 32) columns
+    assert state["projection_state"][2]["basis"].shape == (256, 32)
     assert "basis" not in state["projection_state"][4]
 
 
