@@ -26,7 +26,7 @@ import click
 import typer
 from typer.exceptions import TyperException
 
-from svdsweep.errors import ConfigError, UserError
+from svdsweep.errors import UserError
 from svdsweep.report import ReportSpec
 from svdsweep.space import SearchSpace
 from svdsweep.studies import DEFAULT_EXPERIMENT
@@ -339,44 +339,9 @@ def dashboard(
     port: Annotated[int, typer.Option(help="port to listen on")] = 8080,
 ) -> None:
     """Serve optuna-dashboard on the project's storage and artifact store."""
-    import optuna_dashboard
+    from svdsweep.dashboard import serve_dashboard
 
-    from svdsweep.storage import open_storage
-
-    check_listen_address(host, port)
-
-    # Unlike the reporter, no default directory: without one, no artifacts are shown.
-    directory = artifact_dir or _env_path("SVDSWEEP_ARTIFACT_DIR")
-    store = None
-    if directory is not None:
-        from optuna.artifacts import FileSystemArtifactStore
-
-        directory.mkdir(parents=True, exist_ok=True)
-        store = FileSystemArtifactStore(str(directory))
-    opened = open_storage(storage, heartbeat=False, create=False)
-    typer.echo(f"optuna-dashboard on http://{host}:{port}/ (Ctrl-C to stop)", err=True)
-    optuna_dashboard.run_server(opened, host=host, port=port, artifact_store=store)
-
-
-def check_listen_address(host: str, port: int) -> None:
-    """:class:`ConfigError` now, rather than a server's traceback, if ``host:port`` can't listen."""
-    import socket
-
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"--port must be in 1..65535, got {port}")
-    try:
-        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    except socket.gaierror as error:
-        raise ConfigError(f"--host {host!r} is not an address of this machine: {error}") from None
-    with socket.socket(family, kind) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do
-        try:
-            probe.bind(address)
-        except OSError as error:
-            raise ConfigError(
-                f"cannot listen on {host}:{port}: {error.strerror or error}"
-                + (" (another server has it; pick another --port)" if port else "")
-            ) from None
+    serve_dashboard(storage, artifact_dir, host, port)
 
 
 @command()
@@ -441,13 +406,6 @@ def _print_outcome(outcome: Any, *, storage_given: bool) -> None:
         outcome.storage_url, outcome.artifact_dir, storage_given=storage_given
     )
     typer.echo(f"  {command}")
-
-
-def _env_path(name: str) -> Path | None:
-    import os
-
-    value = os.environ.get(name)
-    return Path(value) if value else None
 
 
 def main() -> None:
