@@ -17,30 +17,10 @@ import pytest
 from conftest import SVDSWEEP, wait_until
 
 from svdsweep import cluster
+from svdsweep.report.staging import child_processes
 
 #: /proc/net/tcp* state code of a listening socket.
 LISTEN = "0A"
-
-
-def process_tree(root: int) -> set[int]:
-    """``root`` and every process descended from it, from /proc."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended meanwhile
-            continue
-        parents[int(entry.name)] = int(fields[1])
-    tree, grew = {root}, True
-    while grew:
-        grew = False
-        for pid, parent in parents.items():
-            if parent in tree and pid not in tree:
-                tree.add(pid)
-                grew = True
-    return tree
 
 
 def socket_owners(pids: set[int]) -> dict[int, tuple[int, str]]:
@@ -119,7 +99,7 @@ def test_a_local_sweep_listens_on_loopback_only(tmp_path: Path) -> None:
 
         def ray_is_up() -> list[tuple[str, int, str]] | None:
             assert sweep.poll() is None, "the sweep ended before Ray was seen"
-            sockets = listening_sockets(process_tree(sweep.pid))
+            sockets = listening_sockets({sweep.pid, *child_processes(sweep.pid)})
             names = {name for _, _, name in sockets}
             # The servers Ray starts first and the worker that runs the trials.
             if {"gcs_server", "raylet"} <= names and any("ray::" in n for n in names):
@@ -127,7 +107,7 @@ def test_a_local_sweep_listens_on_loopback_only(tmp_path: Path) -> None:
             return None
 
         sockets = wait_until(ray_is_up, timeout=120, interval=0.5, what="Ray's servers")
-        sockets += listening_sockets(process_tree(sweep.pid))  # later starters too
+        sockets += listening_sockets({sweep.pid, *child_processes(sweep.pid)})  # later starters too
     finally:
         try:
             _, stderr = sweep.communicate(timeout=300)
