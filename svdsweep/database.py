@@ -25,7 +25,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import optuna
 import sqlalchemy
@@ -40,11 +40,13 @@ __all__ = [
     "has_optuna_schema",
     "is_transient",
     "lock_directory",
+    "ping",
     "reason",
     "redact",
     "resolve_storage_url",
     "retry_seconds",
     "retrying",
+    "single_connection",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,23 +126,36 @@ def has_optuna_schema(url: str) -> bool:
     Raises :class:`StorageError` when the database cannot be reached.
     """
     parsed = sqlalchemy.engine.make_url(url)
-    if dialect(parsed) == "sqlite":
-        if not Path(parsed.database or "").is_file():
-            return False
-        connect_args: dict[str, Any] = {"timeout": 60}
-    else:
-        connect_args = {"connect_timeout": 5}
-    engine = sqlalchemy.create_engine(
-        url, poolclass=sqlalchemy.pool.NullPool, connect_args=connect_args
-    )
+    is_sqlite = dialect(parsed) == "sqlite"
+    if is_sqlite and not Path(parsed.database or "").is_file():
+        return False
     try:
-        with engine.connect() as connection:
+        # SQLite waits out another process's write lock; PostgreSQL fails fast when away.
+        with single_connection(url, timeout=60 if is_sqlite else 5) as connection:
             inspector = sqlalchemy.inspect(connection)
             return all(inspector.has_table(name) for name in ("studies", "alembic_version"))
     except Exception as error:  # noqa: BLE001 - any failure to connect is for the user to fix
         raise StorageError(f"cannot open storage {redact(url)}: {reason(error)}") from None
+
+
+@contextlib.contextmanager
+def single_connection(url: str, *, timeout: int) -> Iterator[sqlalchemy.Connection]:
+    """One new connection, no pool, given up after ``timeout`` seconds: for a check, not work."""
+    key = "timeout" if dialect(url) == "sqlite" else "connect_timeout"
+    engine = sqlalchemy.create_engine(
+        url, poolclass=sqlalchemy.pool.NullPool, connect_args={key: timeout}
+    )
+    try:
+        with engine.connect() as connection:
+            yield connection
     finally:
         engine.dispose()
+
+
+def ping(url: str, *, timeout: int = 3) -> None:
+    """``SELECT 1`` on a new connection; raises if the database does not answer in time."""
+    with single_connection(url, timeout=timeout) as connection:
+        connection.execute(sqlalchemy.text("SELECT 1"))
 
 
 def dialect(url: str | sqlalchemy.engine.URL) -> str:

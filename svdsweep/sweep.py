@@ -21,11 +21,10 @@ from functools import partial
 from typing import Any, NoReturn
 
 import optuna
-import sqlalchemy
 from optuna.trial import TrialState
 
 from svdsweep.cluster import ClusterError, ray_session
-from svdsweep.database import is_transient, reason, redact, resolve_storage_url, retrying
+from svdsweep.database import is_transient, ping, reason, redact, resolve_storage_url, retrying
 from svdsweep.errors import ConfigError, UserError
 from svdsweep.progress import say
 from svdsweep.space import SearchSpace, StudySettings
@@ -188,7 +187,7 @@ def _interrupt(
         f"sweep on experiment {experiment!r}"
     )
     try:
-        _ping_database(url)
+        ping(url)
     except Exception as error:  # noqa: BLE001 - any failure to connect means "down"
         for ref in refs:
             ray.cancel(ref, force=True)
@@ -211,21 +210,6 @@ def _interrupt(
 #: database that goes away: a user waits for the prompt, and the next sweep
 #: reaps what is left anyway.
 INTERRUPT_RETRY_SECONDS = 10.0
-
-
-def _ping_database(url: str) -> None:
-    """One new connection and ``SELECT 1``, with a short timeout; raises if the database is down."""
-    is_postgres = sqlalchemy.engine.make_url(url).get_backend_name() == "postgresql"
-    engine = sqlalchemy.create_engine(
-        url,
-        poolclass=sqlalchemy.pool.NullPool,
-        connect_args={"connect_timeout": 3} if is_postgres else {"timeout": 3},
-    )
-    try:
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT 1"))
-    finally:
-        engine.dispose()
 
 
 def fail_running_trials(
