@@ -105,7 +105,8 @@ HELP = {
     "data-dir": "Directory with the idx files "
     "(else $SVDSWEEP_DATA_DIR, Debian's package, download).",
     "storage": "Optuna storage URL (else $SVDSWEEP_STORAGE, else sqlite:///svdsweep.db)",
-    "experiment": "names the pair of studies: <NAME>-adam, <NAME>-svd-adam",
+    "experiment": "names its studies: <NAME>-adam, <NAME>-svd-adam (replicate 1), "
+    "<NAME>-adam-r2, ..., <NAME>-profile-k8, ...",
     "ray-address": "auto, HOST:PORT of a Ray cluster, or local (else $RAY_ADDRESS)",
     "ray-node-ip": "node address of this process's Ray (else $SVDSWEEP_RAY_NODE_IP; else "
     "127.0.0.1, all on loopback, for a Ray started here, and 127.0.0.2 to join a cluster)",
@@ -255,20 +256,32 @@ def sweep(
     seed: Annotated[
         int, typer.Option(help="training seed of every trial; seeds samplers")
     ] = SweepSpec.seed,
-    pruner: Annotated[str, typer.Option(help="none or median")] = SweepSpec.pruner,
+    pruner: Annotated[
+        str, typer.Option(help="successive-halving, median or none")
+    ] = SweepSpec.pruner,
     lr_range: Annotated[tuple[float, float], typer.Option(help="log-uniform lr range searched")] = (
         SearchSpace.lr_low,
         SearchSpace.lr_high,
     ),
-    k_range: Annotated[tuple[int, int], typer.Option(help="k range searched")] = (
-        SearchSpace.k_low,
-        SearchSpace.k_high,
-    ),
+    k_range: Annotated[
+        tuple[int, int] | None,
+        typer.Option(help="log-uniform k range searched (default: 1 to the model's full rank)"),
+    ] = None,
+    replicates: Annotated[
+        int, typer.Option(help="independent tuning replicates per optimizer")
+    ] = SweepSpec.replicates,
+    profile: Annotated[
+        bool, typer.Option(help="also run the rank profile's studies (lr tuned per fixed k)")
+    ] = SweepSpec.profile,
+    profile_trials: Annotated[
+        int, typer.Option(help="trials per rank-profile study")
+    ] = SweepSpec.profile_trials,
 ) -> None:
-    """Create or resume both studies and run trials on Ray workers until both budgets are met."""
+    """Create or resume the studies and run trials on Ray workers until every budget is met."""
     from svdsweep.sweep import run_sweep
 
-    space = SearchSpace(lr_range[0], lr_range[1], k_range[0], k_range[1])
+    low, high = k_range if k_range else (SearchSpace.k_low, None)
+    space = SearchSpace(lr_range[0], lr_range[1], low, high)
     final = run_sweep(given(SweepSpec, locals(), space=space))
     _print_status(final)
 
@@ -349,7 +362,9 @@ def report(
     storage: StorageOption = None,
     experiment: ExperimentOption = DEFAULT_EXPERIMENT,
     out: OutOption = ReportSpec.out,
-    epochs: Annotated[int, typer.Option(help="epochs of each final training")] = ReportSpec.epochs,
+    epochs: Annotated[
+        int | None, typer.Option(help="epochs of each final training (default: the trials')")
+    ] = ReportSpec.epochs,
     seeds: Annotated[
         int, typer.Option(help="final trainings per optimizer, with seeds 1000, 1001, ...")
     ] = ReportSpec.seeds,
@@ -361,7 +376,7 @@ def report(
     ] = None,
     artifact_dir: ArtifactDirOption = None,
 ) -> None:
-    """Retrain both studies' best trials over several seeds; write the figure and the report."""
+    """Retrain each replicate's best trials over several seeds; write figures and the report."""
     from svdsweep.report import build_report
 
     outcome = build_report(given(ReportSpec, locals()))
@@ -375,8 +390,13 @@ def run(
     ] = "quick",
     trials: Annotated[int | None, typer.Option(help="trials per study")] = None,
     trial_epochs: Annotated[int | None, typer.Option(help="epochs per trial")] = None,
-    epochs: Annotated[int | None, typer.Option(help="epochs of each final training")] = None,
-    seeds: Annotated[int | None, typer.Option(help="final trainings per optimizer")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="epochs of each final training (default: trial epochs)")
+    ] = None,
+    seeds: Annotated[int | None, typer.Option(help="final trainings per winner")] = None,
+    replicates: Annotated[int | None, typer.Option(help="tuning replicates")] = None,
+    profile_trials: Annotated[int | None, typer.Option(help="trials per profile study")] = None,
+    profile: Annotated[bool, typer.Option(help="run the rank profile")] = True,
     train_subset: SubsetOption = None,
     experiment: Annotated[
         str | None, typer.Option(help="default: the preset's name (quick, paper)")
@@ -388,7 +408,7 @@ def run(
     artifact_dir: ArtifactDirOption = None,
     ray_node_ip: RayNodeIpOption = None,
 ) -> None:
-    """The whole job: sweep both studies, then report, on a local Ray and SQLite."""
+    """The whole job: sweep every study, then report, on a local Ray and SQLite."""
     from svdsweep.job import run_job
 
     _print_outcome(given(run_job, locals()), storage_given=True)
@@ -401,7 +421,7 @@ def _print_outcome(outcome: Any, *, storage_given: bool) -> None:
     typer.echo(f"figure:  {outcome.figure}")
     typer.echo(f"report:  {outcome.report}")
     typer.echo(f"results: {outcome.results_json}")
-    typer.echo("dashboard (figure and report attached to both studies):")
+    typer.echo("dashboard (figures and report attached to every tuning study):")
     command = dashboard_command(
         outcome.storage_url, outcome.artifact_dir, storage_given=storage_given
     )

@@ -1,14 +1,19 @@
 """``svdsweep run``: the whole job in one command, on the embedded defaults.
 
-A sweep of both studies, then the report, on a local loopback-only Ray and an
-SQLite file in the working directory (``sqlite:///svdsweep.db``), both used by
-one Ray session. Two presets size it; every size is overridable:
+A sweep of every study (the tuning replicates of both optimizers and the rank
+profile), then the report, on a local loopback-only Ray and an SQLite file in
+the working directory (``sqlite:///svdsweep.db``), both used by one Ray
+session. Two presets size it; every size is overridable:
 
-* ``quick`` (default): a 10k-image subset of Fashion-MNIST, few trials and
-  epochs, sized to finish within about 5 minutes on 2 CPU cores (58 s measured
-  on idle ones);
-* ``paper``: the original protocol: 30 trials of 5 epochs per study on the
-  full 50k training split, then 20-epoch finals over 5 seeds.
+* ``quick`` (default): the paper's protocol shrunk to a 10k-image subset of
+  Fashion-MNIST, few trials and epochs and a coarse rank grid, sized to
+  finish within about 5 minutes on 2 CPU cores;
+* ``paper``: 3 tuning replicates of 30 trials per optimizer, trials of 20
+  epochs (the finals' horizon) with successive-halving pruning, on the full
+  50k training split; a rank profile of 10 trials per rank; 20-epoch finals
+  over 5 seeds for each replicate's winners.
+
+Trials and finals always train for the same number of epochs.
 
 Each preset has its own default experiment name, so a quick run never resumes,
 or collides with, the paper's studies (which have other settings).
@@ -43,11 +48,13 @@ class Preset:
 
     name: str
     experiment: str  # default experiment name: one per preset
-    trials: int  # finished trials per study
-    trial_epochs: int  # epochs per trial
-    epochs: int  # epochs of each final training
-    seeds: int  # final trainings per optimizer
+    trials: int  # finished trials per tuning study
+    trial_epochs: int  # epochs per trial, and of each final training
+    seeds: int  # final trainings per winner
     train_subset: int | None  # training images (None: the full 50k split)
+    replicates: int  # tuning replicates per optimizer
+    profile_trials: int  # trials per rank-profile study (0: no profile)
+    profile_ranks: tuple[int, ...]  # () : powers of two up to full rank, and full rank
     expected: str  # how long it takes, as measured
 
     def describe(self) -> str:
@@ -56,34 +63,44 @@ class Preset:
             if self.train_subset
             else "the full 50k training split"
         )
+        profile = (
+            f"a rank profile of {self.profile_trials} trials per rank"
+            if self.profile_trials
+            else "no rank profile"
+        )
         return (
-            f"preset {self.name}: {self.trials} trials x {self.trial_epochs} epochs per study, "
-            f"then {self.seeds} seeds x {self.epochs} epochs per optimizer, on {data} of "
-            f"Fashion-MNIST; experiment {self.experiment!r}; {self.expected}"
+            f"preset {self.name}: {self.replicates} tuning replicates of {self.trials} trials x "
+            f"{self.trial_epochs} epochs per optimizer, {profile}, then {self.seeds} seeds x "
+            f"{self.trial_epochs} epochs per winner, on {data} of Fashion-MNIST; experiment "
+            f"{self.experiment!r}; {self.expected}"
         )
 
 
-#: The original protocol: exactly the sweep's and the reporter's own defaults.
+#: The full protocol: exactly the sweep's and the reporter's own defaults.
 PAPER = Preset(
     name="paper",
     experiment="paper",
     trials=SweepSpec.trials,
     trial_epochs=SweepSpec.trial_epochs,
-    epochs=ReportSpec.epochs,
     seeds=ReportSpec.seeds,
     train_subset=SweepSpec.train_subset,
-    expected="measured 15 minutes on 2 CPU cores",
+    replicates=SweepSpec.replicates,
+    profile_trials=SweepSpec.profile_trials,
+    profile_ranks=SweepSpec.profile_ranks,
+    expected="measured PAPER_MINUTES on 2 CPU cores",
 )
 #: The paper protocol shrunk to finish within about 5 minutes on 2 CPU cores.
 QUICK = replace(
     PAPER,
     name="quick",
     experiment="quick",
-    trials=20,
-    trial_epochs=4,
-    epochs=12,
+    trials=12,
+    trial_epochs=6,
+    seeds=3,
     train_subset=10_000,
-    expected="measured 58 s on 2 idle CPU cores, under 5 minutes on busy ones",
+    profile_trials=4,
+    profile_ranks=(1, 4, 16, 64, 256),
+    expected="QUICK_MINUTES",
 )
 PRESETS = {preset.name: preset for preset in (QUICK, PAPER)}
 
@@ -96,6 +113,10 @@ def run_job(
     epochs: int | None = None,
     seeds: int | None = None,
     train_subset: int | None = None,
+    replicates: int | None = None,
+    profile_trials: int | None = None,
+    profile: bool = True,
+    profile_ranks: tuple[int, ...] | None = None,
     experiment: str | None = None,
     out: Path = Path("results"),
     storage: str | None = None,
@@ -103,20 +124,29 @@ def run_job(
     ray_node_ip: str | None = None,
     progress: bool = True,
 ) -> ReportOutcome:
-    """Sweeps both studies, then reports on them; returns where everything went.
+    """Sweeps every study, then reports on them; returns where everything went.
 
-    Flags left ``None`` take the preset's value. Bad sizes and an unwritable
-    ``out`` fail here, before any training.
+    Flags left ``None`` take the preset's value. ``epochs`` is a synonym of
+    ``trial_epochs`` (trials and finals share the horizon); giving both with
+    different values is refused. Bad sizes and an unwritable ``out`` fail
+    here, before any training.
     """
     if preset not in PRESETS:
         raise ConfigError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
     sizes = PRESETS[preset]
+    if epochs is not None and trial_epochs is not None and epochs != trial_epochs:
+        raise ConfigError(
+            f"--epochs {epochs} and --trial-epochs {trial_epochs} differ: trials and finals "
+            "train for the same horizon, so that the sweep tunes what the verdict measures"
+        )
     overrides: dict[str, Any] = {
         "trials": trials,
-        "trial_epochs": trial_epochs,
-        "epochs": epochs,
+        "trial_epochs": trial_epochs if trial_epochs is not None else epochs,
         "seeds": seeds,
         "train_subset": train_subset,
+        "replicates": replicates,
+        "profile_trials": 0 if not profile else profile_trials,
+        "profile_ranks": profile_ranks,
         "experiment": experiment,
     }
     changed = {name: value for name, value in overrides.items() if value is not None}
@@ -127,7 +157,7 @@ def run_job(
     report_spec = ReportSpec(  # validates --epochs and --seeds
         storage=url,
         experiment=sizes.experiment,
-        epochs=sizes.epochs,
+        epochs=sizes.trial_epochs,
         seeds=sizes.seeds,
         out=out,
         ray_address="local",
@@ -140,6 +170,10 @@ def run_job(
         trials=sizes.trials,
         trial_epochs=sizes.trial_epochs,
         train_subset=sizes.train_subset,
+        replicates=sizes.replicates,
+        profile=sizes.profile_trials > 0,
+        profile_trials=max(1, sizes.profile_trials),
+        profile_ranks=sizes.profile_ranks,
         ray_address="local",
         ray_node_ip=ray_node_ip,
     )

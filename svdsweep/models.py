@@ -6,7 +6,7 @@ from torch import nn
 
 from svdsweep.errors import ConfigError
 
-__all__ = ["MODELS", "build_model"]
+__all__ = ["MODELS", "build_model", "full_rank"]
 
 MODELS = ("mlp", "cnn")
 
@@ -41,3 +41,14 @@ def build_model(name: str) -> nn.Module:
             nn.Linear(128, 10),
         )
     raise ConfigError(f"unknown model {name!r}; choose one of {MODELS}")
+
+
+def full_rank(name: str) -> int:
+    """The largest rank any 2D weight gradient of the model can have: max over them of min(m, n).
+
+    At ``k >= full_rank`` SVD(Adam) truncates nothing and is plain Adam, so the
+    search range of ``k`` ends there: "no truncation" is then a result the
+    study can find, not a wall it hits (256 for the MLP).
+    """
+    ranks = [min(p.shape) for p in build_model(name).parameters() if p.dim() == 2]
+    return max(ranks)

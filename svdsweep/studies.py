@@ -1,10 +1,19 @@
-"""The experiment's two Optuna studies: names, creation, resumption, status.
+"""The experiment's Optuna studies: names, creation, resumption, status.
 
-An *experiment* is a pair of studies in one storage, ``<experiment>-adam`` and
-``<experiment>-svd-adam``. Each study stores its :class:`StudySettings` (search
-space, budget, training settings) as a user attribute, so that a worker started
-by hand needs only the storage URL and the experiment name, and so that a study
-cannot be resumed with another search space by mistake.
+An *experiment* is a set of studies in one storage:
+
+* tuning replicate 1: ``<experiment>-adam`` and ``<experiment>-svd-adam``;
+* tuning replicate r >= 2: ``<experiment>-adam-r<r>`` and ``<experiment>-svd-adam-r<r>``,
+  the same search again with other sampler draws (see :mod:`svdsweep.worker`);
+* the rank profile: ``<experiment>-profile-adam`` and one
+  ``<experiment>-profile-k<k>`` per rank of its grid (SVD(Adam), ``k`` fixed).
+
+Each study stores its :class:`StudySettings` (search space, budget, training
+settings, replicate, profile) as a user attribute, so that a worker started by
+hand needs only the storage URL and the experiment name, and so that a study
+cannot be resumed with another search space by mistake. Each also stores the
+name of its objective; a study scored another way (the former last-epoch
+validation loss) is refused, never mixed.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from optuna.trial import TrialState
 
 from svdsweep.database import has_optuna_schema, redact, resolve_storage_url, retrying
 from svdsweep.errors import ConfigError
+from svdsweep.score import OBJECTIVE_NAME
 from svdsweep.space import SETTINGS_ATTR, StudySettings
 from svdsweep.storage import load_study, open_storage, trial_counts
 from svdsweep.train import OPTIMIZERS
@@ -34,7 +44,9 @@ __all__ = [
     "experiment_status",
     "list_experiments",
     "load_settings",
+    "settings_study_name",
     "study_name",
+    "study_names",
 ]
 
 DEFAULT_EXPERIMENT = "fashion-mnist-mlp"
@@ -49,9 +61,9 @@ class ExperimentError(ConfigError):
 #: appears in lock names, commands and file names, so it is kept short and plain.
 EXPERIMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
-
-#: What a trial's value is, as optuna-dashboard and ``optuna`` show it (else "Objective 0").
-OBJECTIVE_NAME = "validation loss, last epoch"
+#: The study-name suffixes of one experiment (see the module docstring).
+STUDY_SUFFIX = r"-(?:profile-(?:adam|k\d+)|(?:svd-adam|adam)(?:-r\d+)?)"
+PROFILE_STUDY = re.compile(r".+-profile-(?:adam|k\d+)")
 
 
 def _name_objective(study: optuna.Study) -> None:
@@ -75,6 +87,39 @@ def study_name(experiment: str, optimizer: str) -> str:
     return f"{experiment}-{optimizer}"
 
 
+def settings_study_name(experiment: str, settings: StudySettings) -> str:
+    """The name of the study with ``settings`` in ``experiment`` (see the module docstring)."""
+    base = study_name(experiment, settings.optimizer)
+    if settings.profile:
+        if settings.optimizer == "adam":
+            return f"{experiment}-profile-adam"
+        return f"{experiment}-profile-k{settings.space.k_low}"
+    return base if settings.replicate == 1 else f"{base}-r{settings.replicate}"
+
+
+def study_names(storage: Any, experiment: str) -> list[str]:
+    """The names of every study of ``experiment`` in ``storage``, sorted."""
+    study_name(experiment, "adam")  # validates the experiment name
+    pattern = re.compile(re.escape(experiment) + STUDY_SUFFIX)
+    names = retrying(lambda: [s.study_name for s in storage.get_all_studies()])
+    return sorted(name for name in names if pattern.fullmatch(name))
+
+
+def check_objective(study: optuna.Study) -> None:
+    """Refuses a study whose trials were scored by another objective than :data:`OBJECTIVE_NAME`."""
+    stored = retrying(lambda: study.metric_names)
+    if stored == [OBJECTIVE_NAME]:
+        return
+    (counts,) = retrying(partial(trial_counts, [study]))
+    if any(counts.values()):
+        raise ExperimentError(
+            f"study {study.study_name!r} scored its trials by "
+            f"{stored[0] if stored else 'an unnamed objective'!r}; this svdsweep scores "
+            f"{OBJECTIVE_NAME!r}, so its trials cannot be mixed in or reported; "
+            "use another --experiment name"
+        )
+
+
 def create_or_resume(storage_url: str, experiment: str, settings: list[StudySettings]) -> list[str]:
     """Creates the studies, or checks that existing ones searched the same space.
 
@@ -87,7 +132,7 @@ def create_or_resume(storage_url: str, experiment: str, settings: list[StudySett
     storage = open_storage(storage_url, heartbeat=False)
     names = []
     for study_settings in settings:
-        name = study_name(experiment, study_settings.optimizer)
+        name = settings_study_name(experiment, study_settings)
         study = retrying(
             partial(
                 optuna.create_study,
@@ -120,7 +165,7 @@ def check_resumable(
     existing = retrying(lambda: {s.study_name: s for s in storage.get_all_studies()})
     finished: dict[str, int] = {}
     for study_settings in settings:
-        name = study_name(experiment, study_settings.optimizer)
+        name = settings_study_name(experiment, study_settings)
         if name not in existing:
             continue
         summary = existing[name]
@@ -130,6 +175,7 @@ def check_resumable(
                 "use another --experiment name"
             )
         study = load_study(storage, name)
+        check_objective(study)
         (counts,) = retrying(partial(trial_counts, [study]))
         stored = summary.user_attrs.get(SETTINGS_ATTR)
         if stored is None and any(counts.values()):
@@ -151,8 +197,14 @@ def check_resumable(
 
 
 def load_settings(storage: Any, experiment: str, optimizer: str) -> StudySettings:
-    """The stored settings of one study; :class:`ExperimentError` if it is missing."""
-    name = study_name(experiment, optimizer)
+    """The stored settings of one study; :class:`ExperimentError` if it is missing.
+
+    ``optimizer`` names replicate 1's study of that optimizer; a full study
+    name (from :func:`study_names`) names any study of the experiment.
+    """
+    name = (
+        optimizer if optimizer.startswith(f"{experiment}-") else study_name(experiment, optimizer)
+    )
     try:
         study = load_study(storage, name)
     except KeyError:
@@ -163,6 +215,7 @@ def load_settings(storage: Any, experiment: str, optimizer: str) -> StudySetting
     stored = study.user_attrs.get(SETTINGS_ATTR)
     if stored is None:
         raise ExperimentError(f"study {name!r} was not created by svdsweep (no settings stored)")
+    check_objective(study)
     return StudySettings.from_json(stored)
 
 
@@ -205,6 +258,8 @@ def list_experiments(storage: Any) -> list[str]:
     suffixes = [f"-{optimizer}" for optimizer in sorted(OPTIMIZERS, key=len, reverse=True)]
     found = set()
     for name in names:
+        if PROFILE_STUDY.fullmatch(name):  # "x-profile-adam" is x's profile, not "x-profile"
+            continue
         for suffix in suffixes:  # longest first: "x-svd-adam" is x's, not "x-svd"'s
             if name.endswith(suffix) and EXPERIMENT_NAME.fullmatch(name[: -len(suffix)]):
                 found.add(name[: -len(suffix)])
@@ -233,9 +288,8 @@ def experiment_status(
         if not url.startswith("sqlite") and not has_optuna_schema(url):
             raise ExperimentError(f"no studies of experiment {experiment!r} in {redact(url)}")
         storage = open_storage(url, heartbeat=False, create=False)
-    names = retrying(lambda: {s.study_name for s in storage.get_all_studies()})
-    wanted = [opt for opt in OPTIMIZERS if study_name(experiment, opt) in names]
-    if not wanted:
+    names = study_names(storage, experiment)
+    if not names:
         try:
             others = "; experiments there: " + ", ".join(list_experiments(storage))
         except ExperimentError:
@@ -243,12 +297,11 @@ def experiment_status(
         raise ExperimentError(
             f"no studies of experiment {experiment!r} in {redact(storage.url)}{others}"
         )
-    return [_study_status(storage, experiment, optimizer) for optimizer in wanted]
+    return [_study_status(storage, experiment, name) for name in names]
 
 
-def _study_status(storage: Any, experiment: str, optimizer: str) -> StudyStatus:
-    settings = load_settings(storage, experiment, optimizer)
-    name = study_name(experiment, optimizer)
+def _study_status(storage: Any, experiment: str, name: str) -> StudyStatus:
+    settings = load_settings(storage, experiment, name)
     study = load_study(storage, name)
     (counts,) = retrying(lambda: trial_counts([study]))
     best = None
@@ -256,7 +309,7 @@ def _study_status(storage: Any, experiment: str, optimizer: str) -> StudyStatus:
         best = retrying(lambda: study.best_trial)  # one ORDER BY value query
     return StudyStatus(
         name=name,
-        optimizer=optimizer,
+        optimizer=settings.optimizer,
         budget=settings.budget,
         counts={state.name: count for state, count in counts.items()},
         best_value=best.value if best else None,

@@ -25,6 +25,7 @@ from svdsweep.data import DATASETS, Splits, load_splits
 from svdsweep.errors import ConfigError, UserError
 from svdsweep.models import MODELS, build_model
 from svdsweep.optim import METHODS, NonFiniteGradientError, SVDGradient
+from svdsweep.score import early_stopped
 
 __all__ = [
     "OPTIMIZERS",
@@ -69,7 +70,8 @@ class TrainConfig:
     model: str = "mlp"
     device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
     train_subset: int | None = None  # keep only N training images (None: all 50k)
-    evaluate_test: bool = False  # also evaluate the test set after the last epoch
+    #: also evaluate the test set, on the early-stopped model and on the last epoch's
+    evaluate_test: bool = False
     data_dir: str | None = None  # see svdsweep.data for the lookup order
 
     def __post_init__(self) -> None:
@@ -118,8 +120,15 @@ class TrainResult:
     #: mean over the epoch's steps of ‖G_k‖²/‖G‖², averaged over projected layers
     energy: list[float] = field(default_factory=list)
     energy_per_layer: dict[str, list[float]] = field(default_factory=dict)
+    #: the early-stopped model: the epoch of lowest validation loss (svdsweep.score)
+    best_epoch: int = 0
+    best_val_loss: float | None = None
+    #: test set, on the early-stopped model's state (evaluate_test only)
     test_loss: float | None = None
     test_acc: float | None = None
+    #: test set, on the last epoch's state (evaluate_test only)
+    last_test_loss: float | None = None
+    last_test_acc: float | None = None
     started_at: float = 0.0  # unix time
     finished_at: float = 0.0  # unix time
     host: str = field(default_factory=socket.gethostname)
@@ -167,6 +176,7 @@ def train(
     order_generator = torch.Generator().manual_seed(config.seed)
     result = TrainResult(config=config.to_dict(), device=str(device), started_at=time.time())
     n_train = len(splits.train_y)
+    best_state: dict[str, torch.Tensor] | None = None  # early-stopped model, for the test set
 
     for epoch in range(1, config.epochs + 1):
         model.train()
@@ -208,6 +218,9 @@ def train(
         result.train_loss.append(train_loss)
         result.val_loss.append(val_loss)
         result.val_acc.append(val_acc)
+        if config.evaluate_test and early_stopped(result.val_loss).epoch == epoch:
+            # In memory: the MLP's state is ~1 MB, copied only on a new best epoch.
+            best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
         metrics = {"train_loss": train_loss, "val_loss": val_loss, "val_acc": val_acc}
         if energy_sums:
             per_layer = {name: float(total) / steps for name, total in energy_sums.items()}
@@ -218,7 +231,12 @@ def train(
         if report is not None:
             report(epoch, metrics)
 
+    best = early_stopped(result.val_loss)
+    result.best_epoch, result.best_val_loss = best.epoch, best.value
     if config.evaluate_test:
+        result.last_test_loss, result.last_test_acc = evaluate(model, splits.test_x, splits.test_y)
+        if best_state is not None:
+            model.load_state_dict(best_state)
         result.test_loss, result.test_acc = evaluate(model, splits.test_x, splits.test_y)
     result.finished_at = time.time()
     return result

@@ -1,9 +1,14 @@
-"""The worker loop: claim a trial slot, train, tell, repeat until both budgets are met.
+"""The worker loop: claim a trial slot, train, tell, repeat until every budget is met.
 
 This is the unit Ray runs (one per GPU), and what ``svdsweep worker`` runs by
 hand against the same storage. Workers *pull*: each claims its next trial from
-whichever study has the most room left, so both studies progress together, and
-Optuna's storage is the single source of truth for what has been done.
+whichever study of the experiment (both optimizers, every tuning replicate,
+the rank profile) has the most room left, so all studies progress together,
+and Optuna's storage is the single source of truth for what has been done.
+
+A trial's value is :func:`svdsweep.score.early_stopped`'s score of its
+validation curve; the pruner sees that score epoch by epoch (the best so far),
+so it stops a trial by the same measure the study minimises.
 
 Exact budgets: a slot is claimed under :func:`~svdsweep.storage.budget_lock` by
 counting COMPLETE + PRUNED + RUNNING trials and asking only while that count is
@@ -32,6 +37,7 @@ from optuna.trial import TrialState
 from svdsweep import cluster
 from svdsweep.database import budget_lock, retrying
 from svdsweep.errors import UserError
+from svdsweep.score import early_stopped
 from svdsweep.space import StudySettings, suggest
 from svdsweep.storage import (
     Heartbeat,
@@ -43,13 +49,14 @@ from svdsweep.storage import (
     trial_counts,
     trial_id,
 )
-from svdsweep.studies import load_settings, study_name
-from svdsweep.train import OPTIMIZERS, ReportCallback, TrainConfig, TrainingDiverged, TrainResult
+from svdsweep.studies import ExperimentError, load_settings, study_names
+from svdsweep.train import ReportCallback, TrainConfig, TrainingDiverged, TrainResult
 
 __all__ = [
     "Objective",
     "WorkerError",
     "WorkerSummary",
+    "pruner_for",
     "run_worker",
     "training_objective",
     "trial_sampler",
@@ -122,20 +129,18 @@ def run_worker(
     storage = open_storage(storage_url, create=False)
     url = storage.url
     studies: dict[str, tuple[optuna.Study, StudySettings]] = {}
-    for optimizer in OPTIMIZERS:
-        settings = load_settings(storage, experiment, optimizer)
-        pruner: optuna.pruners.BasePruner = (
-            optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
-            if settings.pruner == "median"
-            else optuna.pruners.NopPruner()
-        )
+    for name in study_names(storage, experiment):
+        settings = load_settings(storage, experiment, name)
         study = load_study(
             storage,
-            study_name(experiment, optimizer),
-            sampler=trial_sampler(seed, optimizer, 0),  # replaced at each claim
-            pruner=pruner,
+            name,
+            sampler=trial_sampler(seed, name, 0),  # replaced at each claim
+            pruner=pruner_for(settings),
         )
-        studies[optimizer] = (study, settings)
+        studies[name] = (study, settings)
+    if not studies:
+        load_settings(storage, experiment, "adam")  # the missing-study error, with its advice
+        raise ExperimentError(f"no studies of experiment {experiment!r}")
 
     summary = WorkerSummary(worker_id, socket.gethostname(), cluster.node_ip(), cluster.gpu_ids())
     reaper = StaleTrialReaper()
@@ -181,14 +186,14 @@ def _claim(
     with budget_lock(url, experiment):
         room = []
         counts = trial_counts([study for study, _ in studies.values()])
-        for (optimizer, (study, settings)), count in zip(studies.items(), counts, strict=True):
+        for (name, (study, settings)), count in zip(studies.items(), counts, strict=True):
             claimed = sum(count[state] for state in CLAIMED)
             if claimed < settings.budget:
-                room.append((claimed / settings.budget, optimizer, study, settings, count))
+                room.append((claimed / settings.budget, name, study, settings, count))
         if not room:
             return None
-        _, optimizer, study, settings, count = min(room, key=lambda entry: entry[:2])
-        study.sampler = trial_sampler(seed, optimizer, sum(count.values()))
+        _, name, study, settings, count = min(room, key=lambda entry: entry[:2])
+        study.sampler = trial_sampler(seed, name, sum(count.values()))
         return study, settings, ask(study)
 
 
@@ -222,7 +227,8 @@ def _run_trial(
         def report(epoch: int, metrics: dict[str, float]) -> None:
             for name, value in metrics.items():
                 curves.setdefault(name, []).append(value)
-            retrying(lambda: trial.report(metrics["val_loss"], epoch))
+            score = early_stopped(curves["val_loss"]).value  # the objective, so far
+            retrying(lambda: trial.report(score, epoch))
             if settings.pruner != "none" and retrying(trial.should_prune):
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
@@ -238,7 +244,9 @@ def _run_trial(
                 started_at=result.started_at,
                 finished_at=result.finished_at,
             )
-            value, state = result.val_loss[-1], TrialState.COMPLETE
+            best = early_stopped(result.val_loss)
+            attrs["best_epoch"] = best.epoch
+            value, state = best.value, TrialState.COMPLETE
         except optuna.TrialPruned:
             attrs["curves"], state = curves, TrialState.PRUNED
         except TrainingDiverged as error:
@@ -296,11 +304,30 @@ def _curves(result: TrainResult) -> dict[str, Any]:
     }
     if result.energy:
         curves["energy"] = result.energy
+        curves["energy_per_layer"] = result.energy_per_layer
     return curves
 
 
-def trial_sampler(seed: int, optimizer: str, trial_number: int) -> optuna.samplers.BaseSampler:
-    """The TPE sampler that proposes trial ``trial_number`` of ``optimizer``'s study.
+def pruner_for(settings: StudySettings) -> optuna.pruners.BasePruner:
+    """The study's pruner, on the per-epoch early-stopped score.
+
+    Successive halving (Optuna's asynchronous variant) checks a trial at rungs
+    of ``r, 3r, 9r, ...`` epochs, ``r = max(1, epochs // 6)`` (3, 9 for 20
+    epochs) and continues it only while it is in the best third of the trials
+    that reached that rung. A pruned trial counts toward the budget as
+    finished, so budgets stay exact; its score is never the study's best.
+    """
+    if settings.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+    if settings.pruner == "successive-halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=max(1, settings.epochs // 6), reduction_factor=3
+        )
+    return optuna.pruners.NopPruner()
+
+
+def trial_sampler(seed: int, study: str, trial_number: int) -> optuna.samplers.BaseSampler:
+    """The TPE sampler that proposes trial ``trial_number`` of the study named ``study``.
 
     Seeded by the trial's number, not by the process: a seed per process made a
     restarted worker, a resumed sweep and a second driver on the same experiment
@@ -308,6 +335,7 @@ def trial_sampler(seed: int, optimizer: str, trial_number: int) -> optuna.sample
     again. A number belongs to one trial only, so no two trials share draws,
     while a sweep with one worker stays reproducible from ``seed``.
     ``constant_liar`` keeps parallel workers from piling onto one region.
+    Keyed by the study's name, so tuning replicates draw independently.
     """
-    key = f"{seed}:{optimizer}:{trial_number}".encode()
+    key = f"{seed}:{study}:{trial_number}".encode()
     return optuna.samplers.TPESampler(seed=zlib.crc32(key), constant_liar=True)

@@ -1,14 +1,17 @@
 """Best trials -> final configs -> final trainings on Ray.
 
-* **Best trials.** The best COMPLETE trial (lowest finite validation loss) of
-  each study, and the study's stored :class:`~svdsweep.space.StudySettings`.
+* **Best trials.** The best COMPLETE trial (lowest finite early-stopped
+  validation loss) of each tuning study, every replicate, and the study's
+  stored :class:`~svdsweep.space.StudySettings`.
 * **Final configs.** Each is rebuilt by :func:`svdsweep.space.config_from_params`,
   the code the sweep used, overriding only ``epochs``, ``seed`` and
   ``evaluate_test``: the data, subset, model, batch size and low-rank method
   are the trial's. Final-run seeds are ``FINAL_SEED_BASE + i`` (1000, 1001, ...):
   distinct from each other, shared by both optimizers, and apart from the
   sweep's training seed (0 by default), so no final run repeats a trial.
-* **Final trainings.** Both optimizers x ``seeds`` seeds, as Ray tasks in
+* **Final trainings.** Each replicate's two winners x ``seeds`` seeds (the
+  same seeds for every replicate, so that replicates differ only in what
+  their tuning picked), as Ray tasks in
   parallel (``num_cpus=1``, ``num_gpus=--gpus-per-run``; device ``auto``
   inside a task is the GPU Ray assigned, else the CPU).
 """
@@ -37,14 +40,16 @@ from svdsweep.report.results import (
     cpu_model,
 )
 from svdsweep.report.staging import ReportError
+from svdsweep.score import early_stopped
 from svdsweep.space import StudySettings, config_from_params
 from svdsweep.storage import load_study
-from svdsweep.studies import ExperimentError, load_settings, study_name
+from svdsweep.studies import ExperimentError, load_settings, study_names
 from svdsweep.train import OPTIMIZERS, TrainConfig, TrainingDiverged, TrainResult
 
 __all__ = [
     "FINAL_SEED_BASE",
     "BestTrial",
+    "FinalJob",
     "best_trials",
     "final_configs",
     "final_training",
@@ -80,54 +85,93 @@ class BestTrial:
                 device=attrs.get("device"),
                 duration_s=attrs.get("duration_s"),
                 worker_node_ip=attrs.get("worker_node_ip"),
+                best_epoch=attrs.get("best_epoch"),
             ),
         )
 
 
-def best_trials(storage: Any, experiment: str) -> dict[str, BestTrial]:
-    """The best COMPLETE trial of both studies; :class:`ExperimentError` if there is none."""
-    found: dict[str, BestTrial] = {}
-    for optimizer in OPTIMIZERS:
-        settings = load_settings(storage, experiment, optimizer)  # missing study -> error
-        name = study_name(experiment, optimizer)
-        study = load_study(storage, name)
-        trials = retrying(lambda: study.get_trials(deepcopy=False))  # noqa: B023 - called now
-        counts = {state.name: 0 for state in TrialState}
-        for trial in trials:
-            counts[trial.state.name] += 1
-        complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-        counts["diverged"] = sum(1 for t in complete if not math.isfinite(float(t.value or 0.0)))
-        finite = [t for t in complete if math.isfinite(float(t.value or 0.0))]
-        if not finite:
-            raise ExperimentError(
-                f"study {name!r} has no completed trial"
-                + (" with a finite validation loss (every one diverged)" if complete else "")
-                + f" ({', '.join(f'{n} {s}' for s, n in counts.items() if n)}"
-                + ("" if trials else "no trials")
-                + f"); run `svdsweep sweep --experiment {experiment}` until it has one"
-            )
-        best = min(finite, key=lambda t: (float(t.value or 0.0), t.number))
-        found[optimizer] = BestTrial(optimizer, study, settings, best, counts)
-    return found
+def best_trials(storage: Any, experiment: str) -> dict[int, dict[str, BestTrial]]:
+    """The best COMPLETE trial of every tuning study, by replicate and optimizer.
+
+    :class:`ExperimentError` if a study is missing, has no finite trial, or a
+    replicate lacks one of its two studies.
+    """
+    found: dict[int, dict[str, BestTrial]] = {}
+    names = study_names(storage, experiment) or [f"{experiment}-{o}" for o in OPTIMIZERS]
+    for name in names:
+        settings = load_settings(storage, experiment, name)  # missing study -> error
+        if settings.profile:
+            continue
+        found.setdefault(settings.replicate, {})[settings.optimizer] = best_trial(
+            storage, experiment, name, settings
+        )
+    for replicate, pair in found.items():
+        for optimizer in OPTIMIZERS:
+            if optimizer not in pair:
+                load_settings(storage, experiment, f"{experiment}-{optimizer}")
+                raise ExperimentError(
+                    f"replicate {replicate} of experiment {experiment!r} has no {optimizer} "
+                    "study; run `svdsweep sweep` with the same --replicates to create it"
+                )
+    return dict(sorted(found.items()))
 
 
-def final_configs(best: dict[str, BestTrial], epochs: int, seeds: int) -> list[TrainConfig]:
-    """Both optimizers x ``seeds`` seeds, interleaved so that both progress together."""
+def best_trial(storage: Any, experiment: str, name: str, settings: StudySettings) -> BestTrial:
+    """The study's best finite COMPLETE trial, with its trial counts."""
+    study = load_study(storage, name)
+    trials = retrying(lambda: study.get_trials(deepcopy=False))
+    counts = {state.name: 0 for state in TrialState}
+    for trial in trials:
+        counts[trial.state.name] += 1
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    counts["diverged"] = sum(1 for t in complete if not math.isfinite(float(t.value or 0.0)))
+    finite = [t for t in complete if math.isfinite(float(t.value or 0.0))]
+    if not finite:
+        raise ExperimentError(
+            f"study {name!r} has no completed trial"
+            + (" with a finite validation loss (every one diverged)" if complete else "")
+            + f" ({', '.join(f'{n} {s}' for s, n in counts.items() if n)}"
+            + ("" if trials else "no trials")
+            + f"); run `svdsweep sweep --experiment {experiment}` until it has one"
+        )
+    best = min(finite, key=lambda t: (float(t.value or 0.0), t.number))
+    return BestTrial(settings.optimizer, study, settings, best, counts)
+
+
+@dataclass(frozen=True)
+class FinalJob:
+    """One final training: a replicate's winner, retrained with one seed."""
+
+    replicate: int
+    config: TrainConfig
+
+
+def final_configs(
+    best: dict[int, dict[str, BestTrial]], epochs: int | None, seeds: int
+) -> list[FinalJob]:
+    """Every replicate's two winners x ``seeds`` seeds, interleaved so that all progress together.
+
+    ``epochs`` None: the trials' own horizon, so that the finals measure what
+    the sweep tuned.
+    """
     return [
-        config_from_params(
-            best[optimizer].settings,
-            best[optimizer].trial.params,
-            epochs=epochs,
-            seed=FINAL_SEED_BASE + index,
-            evaluate_test=True,
+        FinalJob(
+            replicate,
+            config_from_params(
+                pair[optimizer].settings,
+                pair[optimizer].trial.params,
+                epochs=epochs or pair[optimizer].settings.epochs,
+                seed=FINAL_SEED_BASE + index,
+                evaluate_test=True,
+            ),
         )
         for index in range(seeds)
+        for replicate, pair in best.items()
         for optimizer in OPTIMIZERS
-        if optimizer in best
     ]
 
 
-def final_training(config: TrainConfig) -> FinalRun:
+def final_training(config: TrainConfig, replicate: int = 1) -> FinalRun:
     """One final training, run as a Ray task: the trainer's result plus where it ran.
 
     A diverged run is a result, not an error: its curves so far are kept and
@@ -164,6 +208,7 @@ def final_training(config: TrainConfig) -> FinalRun:
             val_loss=curves.get("val_loss", []),
             val_acc=curves.get("val_acc", []),
             energy=curves.get("energy", []),
+            best_epoch=early_stopped(curves.get("val_loss", [])).epoch,
             started_at=task_started_at,
             finished_at=time.time(),
         )
@@ -173,6 +218,7 @@ def final_training(config: TrainConfig) -> FinalRun:
         **trained,
         optimizer=config.optimizer,
         seed=config.seed,
+        replicate=replicate,
         diverged=diverged,
         device_name=(torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()),
         torch_threads=torch.get_num_threads(),
@@ -186,7 +232,7 @@ def final_training(config: TrainConfig) -> FinalRun:
 
 
 def run_final_trainings(
-    ray: Any, configs: list[TrainConfig], gpus_per_run: float | None, *, progress: bool = True
+    ray: Any, jobs: list[FinalJob], gpus_per_run: float | None, *, progress: bool = True
 ) -> tuple[list[FinalRun], Hardware]:
     """Runs every config as a Ray task at once; returns the runs (in order) and where they ran."""
     resources = ray.cluster_resources()
@@ -201,16 +247,16 @@ def run_final_trainings(
         num_gpus=gpus, num_cpus=1, name="svdsweep-final-training"
     )
     started = time.time()
-    refs = {task.remote(config): config for config in configs}
+    refs = {task.remote(job.config, job.replicate): job.config for job in jobs}
     say(
-        f"{len(configs)} final trainings ({gpus:g} GPU, 1 CPU each) on a Ray cluster with "
+        f"{len(jobs)} final trainings ({gpus:g} GPU, 1 CPU each) on a Ray cluster with "
         f"{resources.get('CPU', 0):g} CPUs and {cluster_gpus:g} GPUs",
         progress,
     )
     runs: list[FinalRun] = []
     pending = list(refs)
     try:
-        with count_progress("final trainings", len(configs), progress) as advance:
+        with count_progress("final trainings", len(jobs), progress) as advance:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
                 for ref in done:
@@ -221,8 +267,8 @@ def run_final_trainings(
             ray.cancel(ref, force=True)
         raise
     wall_s = round(time.time() - started, 3)
-    order = {(c.optimizer, c.seed): i for i, c in enumerate(configs)}
-    runs.sort(key=lambda run: order[(run.optimizer, run.seed)])
+    order = {(j.replicate, j.config.optimizer, j.config.seed): i for i, j in enumerate(jobs)}
+    runs.sort(key=lambda run: order[(run.replicate, run.optimizer, run.seed)])
     hardware = Hardware(
         driver=Driver.here(),
         run_devices=sorted({f"{run.device} ({run.device_name})" for run in runs}),
@@ -262,9 +308,13 @@ def run_line(run: FinalRun) -> str:
     """One finished run, as the progress log shows it."""
     where = f"{run.device} on {run.node_ip or run.host}"
     if run.diverged:
-        return f"{run.optimizer} seed {run.seed}: diverged ({run.diverged}); {where}"
+        return (
+            f"replicate {run.replicate} {run.optimizer} seed {run.seed}: "
+            f"diverged ({run.diverged}); {where}"
+        )
     return (
-        f"{run.optimizer} seed {run.seed}: final val loss {run.val_loss[-1]:.4f}, "
-        f"test loss {run.test_loss:.4f}, test acc {run.test_acc:.2%} "
+        f"replicate {run.replicate} {run.optimizer} seed {run.seed}: best val loss "
+        f"{run.best_val_loss:.4f} at epoch {run.best_epoch}, early-stopped test loss "
+        f"{run.test_loss:.4f}, test acc {run.test_acc:.2%} "
         f"({run.task_finished_at - run.task_started_at:.1f} s, {where})"
     )

@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import socket
+import statistics
 import time
 import types
 import typing
@@ -33,10 +34,12 @@ from svdsweep.report.stats import (
     Spread,
     WelchTest,
     conclude,
+    conclude_across,
     max_overlap,
     spread,
     welch_test,
 )
+from svdsweep.score import NO_TRUNCATION, kept_energy
 from svdsweep.space import StudySettings
 from svdsweep.train import TrainConfig
 
@@ -48,18 +51,23 @@ __all__ = [
     "FinalRun",
     "Hardware",
     "OptimizerSummary",
+    "Profile",
+    "ProfilePoint",
     "Protocol",
+    "Replicate",
     "Results",
     "SignificanceTest",
     "StudyRecord",
     "assemble",
     "cpu_model",
+    "judge_replicate",
+    "summarize",
     "versions",
 ]
 
-#: Version of the layout below. Unchanged since the first results.json: the
-#: dataclasses write exactly the keys the former dict had.
-SCHEMA_VERSION = 1
+#: Version of the layout below. 2: tuning replicates, the early-stopped score
+#: and the rank profile (1 had one pair of studies and last-epoch scores).
+SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -75,6 +83,10 @@ class Protocol:
     batch_size: int
     evaluate_test: bool
     band: str  # what the figure's shaded band shows
+    replicates: int  # independent tuning replicates per optimizer
+    primary_metric: str  # fixed in the code, before any result is seen
+    secondary_metric: str
+    verdict_rule: str
 
 
 @dataclass
@@ -86,6 +98,7 @@ class BestTrialRecord:
     device: str | None
     duration_s: float | None
     worker_node_ip: str | None
+    best_epoch: int | None = None  # of the early-stopped score
 
 
 @dataclass
@@ -111,8 +124,12 @@ class FinalRun:
     epoch_seconds: list[float]
     energy: list[float | None]
     energy_per_layer: dict[str, list[float | None]]
-    test_loss: float | None
+    best_epoch: int  # the early-stopped model's epoch (svdsweep.score)
+    best_val_loss: float | None
+    test_loss: float | None  # early-stopped model: the primary metric
     test_acc: float | None
+    last_test_loss: float | None  # last epoch's model, for comparison
+    last_test_acc: float | None
     started_at: float
     finished_at: float
     host: str
@@ -120,6 +137,7 @@ class FinalRun:
     python_version: str
     optimizer: str
     seed: int
+    replicate: int  # whose winner this run retrains
     diverged: str | None  # why, for a run whose loss stopped being finite
     device_name: str
     torch_threads: int
@@ -135,10 +153,12 @@ class FinalRun:
 class OptimizerSummary:
     """One optimizer's final runs; diverged runs are left out of the spreads."""
 
-    final_val_loss: Spread
-    final_val_acc: Spread
-    test_loss: Spread
-    test_acc: Spread
+    best_val_loss: Spread  # early-stopped
+    best_epoch: Spread
+    test_loss: Spread  # early-stopped: the primary metric
+    test_acc: Spread  # early-stopped: the secondary metric
+    last_test_loss: Spread
+    last_test_acc: Spread
     runs: int
     diverged: int
 
@@ -229,27 +249,72 @@ class Durations:
 
 
 @dataclass
+class Replicate:
+    """One tuning replicate: its two studies, their winners' finals, its test and outcome."""
+
+    replicate: int
+    studies: dict[str, StudyRecord]  # by optimizer
+    summary: dict[str, OptimizerSummary]  # by optimizer
+    test: SignificanceTest  # primary metric, with test accuracy's own test inside
+    outcome: str  # this replicate alone: "supported", "not supported" or "inconclusive"
+    kept_energy: float | None  # SVD(Adam) winner's least-kept layer, mean over its finals
+    truncates: bool  # False: its k keeps >= NO_TRUNCATION or sits at the top of the range
+    why_not: str | None  # why it does not truncate, when it does not
+
+
+@dataclass
+class ProfilePoint:
+    """The best trial of one rank-profile study (Adam's: rank None)."""
+
+    study: str
+    rank: int | None
+    value: float | None  # best early-stopped validation loss; None: no finite trial
+    params: dict[str, Any]
+    best_epoch: int | None
+    kept_energy: float | None  # least-kept layer, mean over the best trial's epochs
+    trials: dict[str, int]
+
+
+@dataclass
+class Profile:
+    """The rank profile: the best score at each rank, lr tuned per rank; Adam as reference."""
+
+    full_rank: int
+    adam: ProfilePoint
+    ranks: list[ProfilePoint]
+    budget: int  # trials per profile study
+    trials: int  # finished trials, all profile studies
+    training_s: float  # trial seconds spent, all profile studies
+    sentence: str  # what the figure shows, in one sentence
+
+
+@dataclass
 class Results:
-    """Everything a report found: written as results.json, read by the figure and report.md."""
+    """Everything a report found: written as results.json, read by the figures and report.md."""
 
     schema: int
     created_at: str  # ISO 8601, UTC
     experiment: str
     storage: str  # URL, password hidden
     protocol: Protocol
-    studies: dict[str, StudyRecord]  # by optimizer
+    replicates: list[Replicate]
     runs: list[FinalRun]
-    summary: dict[str, OptimizerSummary]  # by optimizer
-    test: SignificanceTest
-    outcome: str  # "supported", "not supported" or "inconclusive"
-    verdict: str
+    profile: Profile | None
+    outcome: str  # "supported", "not supported", "inconclusive" or "untested"
+    verdict: str  # the first line a reader sees
     figure: FigureInfo
+    profile_figure: FigureInfo | None
+    baseline: dict[str, Any]  # a published accuracy to compare tuned Adam with
     versions: dict[str, str]
     hardware: Hardware
     durations: Durations
 
-    def runs_of(self, optimizer: str) -> list[FinalRun]:
-        return [run for run in self.runs if run.optimizer == optimizer]
+    def runs_of(self, optimizer: str, replicate: int | None = None) -> list[FinalRun]:
+        return [
+            run
+            for run in self.runs
+            if run.optimizer == optimizer and replicate in (None, run.replicate)
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         finite: dict[str, Any] = _finite(asdict(self))
@@ -272,49 +337,74 @@ class Results:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-#: The metric the verdict rests on: the loss on the test set, which the sweep never saw.
+#: The metric the verdict rests on, fixed here before any result: the test loss
+#: of each final run's early-stopped model, on the test set the sweep never saw.
 METRIC = "test_loss"
+PRIMARY_METRIC = (
+    "test loss (cross-entropy, nats) of the early-stopped model: the state of the epoch "
+    "with the lowest validation loss"
+)
+SECONDARY_METRIC = "test accuracy of the same early-stopped model"
+VERDICT_RULE = (
+    "each replicate's two winners are retrained over the same seeds and compared by "
+    f"Welch's t-test at the {ALPHA:.0%} level; the verdict says 'supported' or 'not "
+    "supported' only when every replicate finds the same significant direction, and says "
+    "the comparison does not test denoising when most replicates' tuned k truncates nothing "
+    f"(keeps >= {100 * NO_TRUNCATION:g}% of the energy in every layer, or is the top of the "
+    "range)"
+)
+#: Published Fashion-MNIST baseline for an MLP (the README table of Debian's dataset-fashion-mnist).
+BASELINE = {
+    "name": "MLPClassifier (activation=relu, hidden_layer_sizes=[100])",
+    "test_accuracy": 0.8833,
+    "source": "README of Debian's dataset-fashion-mnist (the Fashion-MNIST benchmark table)",
+}
 
 
-def assemble(
-    *,
-    experiment: str,
-    storage: str,
-    protocol: Protocol,
-    studies: dict[str, StudyRecord],
-    runs: list[FinalRun],
-    hardware: Hardware,
-    figure: FigureInfo,
-    started: float,
-) -> Results:
-    """The results of finished final trainings: summary, test, verdict, provenance."""
-    optimizers = list(studies)
-    summary = {}
-    for optimizer in optimizers:
-        mine = [run for run in runs if run.optimizer == optimizer]
-        ok = [run for run in mine if run.diverged is None]
-        summary[optimizer] = OptimizerSummary(
-            final_val_loss=spread([run.val_loss[-1] for run in ok]),
-            final_val_acc=spread([run.val_acc[-1] for run in ok]),
-            test_loss=spread([run.test_loss for run in ok]),
-            test_acc=spread([run.test_acc for run in ok]),
-            runs=len(mine),
-            diverged=len(mine) - len(ok),
-        )
+def summarize(runs: list[FinalRun]) -> OptimizerSummary:
+    """One optimizer's finals of one replicate; diverged runs are left out of the spreads."""
+    ok = [run for run in runs if run.diverged is None]
+    return OptimizerSummary(
+        best_val_loss=spread([run.best_val_loss for run in ok]),
+        best_epoch=spread([float(run.best_epoch) for run in ok]),
+        test_loss=spread([run.test_loss for run in ok]),
+        test_acc=spread([run.test_acc for run in ok]),
+        last_test_loss=spread([run.last_test_loss for run in ok]),
+        last_test_acc=spread([run.last_test_acc for run in ok]),
+        runs=len(runs),
+        diverged=len(runs) - len(ok),
+    )
+
+
+def judge_replicate(
+    replicate: int, studies: dict[str, StudyRecord], runs: list[FinalRun]
+) -> Replicate:
+    """A replicate's summaries, Welch tests, outcome and whether its tuned k truncates."""
+    summary = {
+        optimizer: summarize([run for run in runs if run.optimizer == optimizer])
+        for optimizer in studies
+    }
     adam, svd = summary["adam"], summary["svd-adam"]
     test = welch_test(adam.test_loss.values, svd.test_loss.values)
     accuracy = welch_test(adam.test_acc.values, svd.test_acc.values)
-    outcome, verdict = conclude(test, METRIC, len(protocol.seeds))
-    tasks = [(run.task_started_at, run.task_finished_at) for run in runs]
-    trainings = [(run.started_at, run.finished_at) for run in runs]
-    return Results(
-        schema=SCHEMA_VERSION,
-        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        experiment=experiment,
-        storage=storage,
-        protocol=protocol,
+    outcome, _ = conclude(test, METRIC, len(runs) // 2)
+    energies = [
+        kept_energy(run.energy_per_layer)
+        for run in runs
+        if run.optimizer == "svd-adam" and run.energy_per_layer
+    ]
+    finite = [e for e in energies if e is not None]
+    energy = statistics.fmean(finite) if finite else None
+    svd_study = studies["svd-adam"]
+    k, top = svd_study.best.params.get("k"), svd_study.settings.space.k_high
+    why_not = None
+    if energy is not None and energy >= NO_TRUNCATION:
+        why_not = f"k={k} keeps {100 * energy:.4f}% of the gradient energy in its least-kept layer"
+    elif k is not None and top is not None and k >= top:
+        why_not = f"k={k} is the top of the searched range (full rank)"
+    return Replicate(
+        replicate=replicate,
         studies=studies,
-        runs=runs,
         summary=summary,
         test=SignificanceTest.of(
             "Welch's t-test (scipy.stats.ttest_ind, equal_var=False, two-sided)",
@@ -324,8 +414,46 @@ def assemble(
             accuracy,
         ),
         outcome=outcome,
+        kept_energy=energy,
+        truncates=why_not is None,
+        why_not=why_not,
+    )
+
+
+def assemble(
+    *,
+    experiment: str,
+    storage: str,
+    protocol: Protocol,
+    replicates: list[Replicate],
+    runs: list[FinalRun],
+    profile: Profile | None,
+    hardware: Hardware,
+    figure: FigureInfo,
+    profile_figure: FigureInfo | None,
+    started: float,
+) -> Results:
+    """The results of finished final trainings: verdict across replicates, provenance."""
+    outcome, verdict = conclude_across(
+        [(r.outcome, r.truncates, r.why_not) for r in replicates],
+        profile.sentence if profile else None,
+    )
+    tasks = [(run.task_started_at, run.task_finished_at) for run in runs]
+    trainings = [(run.started_at, run.finished_at) for run in runs]
+    return Results(
+        schema=SCHEMA_VERSION,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        experiment=experiment,
+        storage=storage,
+        protocol=protocol,
+        replicates=replicates,
+        runs=runs,
+        profile=profile,
+        outcome=outcome,
         verdict=verdict,
         figure=figure,
+        profile_figure=profile_figure,
+        baseline=dict(BASELINE),
         versions=versions(),
         hardware=hardware,
         durations=Durations(

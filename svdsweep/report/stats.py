@@ -2,7 +2,11 @@
 
 * :func:`spread`: mean, sample standard deviation and count of the finite values;
 * :func:`welch_test`: Welch's t-test of SVD(Adam) against Adam, and Cohen's d;
-* :func:`conclude`: the outcome and the one-sentence verdict read off the test;
+* :func:`conclude`: one replicate's outcome and sentence, read off its test;
+* :func:`conclude_across`: the verdict across tuning replicates, which says
+  "supported" or "not supported" only when every replicate agrees, and says
+  the comparison does not test denoising when the tuned k truncates nothing;
+* :func:`profile_sentence`: what the rank profile shows, in one sentence;
 * :func:`mean_curve` and :func:`max_overlap`: what the caveats and the
   provenance say about curves and parallelism;
 * :func:`number`, :func:`p_value`, :func:`format_params`: how the report, the
@@ -23,9 +27,11 @@ __all__ = [
     "Spread",
     "WelchTest",
     "conclude",
+    "conclude_across",
     "format_params",
     "max_overlap",
     "mean_curve",
+    "profile_sentence",
     "spread",
     "welch_test",
 ]
@@ -102,12 +108,12 @@ def conclude(test: WelchTest, metric: str, seeds: int) -> tuple[str, str]:
 
     The outcome is "supported", "not supported" or "inconclusive".
     """
-    what = metric.replace("_", " ")
+    what = "early-stopped " + metric.replace("_", " ")
     a, s = test.mean_adam, test.mean_svd_adam
     means = (
-        f"mean final {what}: SVD(Adam) {number(s)}, tuned Adam {number(a)} nats"
+        f"mean {what}: SVD(Adam) {number(s)}, tuned Adam {number(a)} nats"
         if a is not None and s is not None
-        else f"no final {what} to compare"
+        else f"no {what} to compare"
     )
     usable = min(test.n_adam, test.n_svd_adam)
     if usable < 2:
@@ -122,25 +128,111 @@ def conclude(test: WelchTest, metric: str, seeds: int) -> tuple[str, str]:
     )
     if p is None:
         return "inconclusive", (
-            f"Inconclusive: the final {what} does not vary across seeds, so Welch's t-test is "
+            f"Inconclusive: the {what} does not vary across seeds, so Welch's t-test is "
             f"undefined (p = nan); {means}."
         )
     if p >= ALPHA:
         return "inconclusive", (
-            f"Inconclusive: the difference in final {what} between SVD(Adam) and tuned Adam is "
+            f"Inconclusive: the difference in {what} between SVD(Adam) and tuned Adam is "
             f"not significant at the {ALPHA:.0%} level ({stats_text}; {means}), so the "
             "hypothesis is not supported by this evidence."
         )
     assert a is not None and s is not None  # p is defined, so both means are
     if s < a:
         return "supported", (
-            f"Supported: SVD(Adam) reaches a lower final {what} than tuned Adam "
-            f"({stats_text}; {means})."
+            f"Supported: SVD(Adam) reaches a lower {what} than tuned Adam ({stats_text}; {means})."
         )
     return "not supported", (
         f"Not supported: tuned Adam reaches a lower final {what} than SVD(Adam) "
         f"({stats_text}; {means})."
     )
+
+
+def conclude_across(
+    replicates: Sequence[tuple[str, bool, str | None]], profile: str | None
+) -> tuple[str, str]:
+    """(outcome, first line of the verdict) from each replicate's (outcome, truncates, why not).
+
+    * Most replicates' tuned k truncates nothing: "untested". The comparison
+      is then plain Adam against itself, whatever the test says, so the line
+      says so, without "supported" or "not supported", then what the profile shows.
+    * Every replicate significant in the same direction: "supported" (SVD(Adam)
+      lower) or "not supported" (Adam lower).
+    * Anything else: "inconclusive", with how many replicates point each way.
+      A claim that one tuning draw makes and another does not is the draw's luck.
+    """
+    total = len(replicates)
+    untruncated = [why for _, truncates, why in replicates if not truncates and why]
+    if total == 0:
+        return "inconclusive", "Inconclusive: no replicate was reported."
+    tail = f" The rank profile shows: {profile}" if profile else ""
+    if 2 * len(untruncated) > total:
+        return "untested", (
+            f"This comparison does not test denoising: in {len(untruncated)} of {total} "
+            f"tuning replicates the tuned SVD(Adam) truncates nothing ({'; '.join(untruncated)}), "
+            f"so it is plain Adam.{tail}"
+        )
+    counts = {
+        outcome: sum(1 for o, _, _ in replicates if o == outcome)
+        for outcome in ("supported", "not supported", "inconclusive")
+    }
+    agreement = (
+        f"{counts['supported']} of {total} replicates find SVD(Adam) significantly better, "
+        f"{counts['not supported']} find tuned Adam significantly better, "
+        f"{counts['inconclusive']} find no significant difference"
+    )
+    if counts["supported"] == total:
+        return "supported", (
+            f"Supported: in every one of {total} tuning replicates SVD(Adam) reaches a "
+            f"significantly lower early-stopped test loss than tuned Adam.{tail}"
+        )
+    if counts["not supported"] == total:
+        return "not supported", (
+            f"Not supported: in every one of {total} tuning replicates tuned Adam reaches a "
+            f"significantly lower early-stopped test loss than SVD(Adam).{tail}"
+        )
+    return "inconclusive", (
+        f"Inconclusive: the replicates do not agree on the early-stopped test loss "
+        f"({agreement}), so no claim holds across tuning runs.{tail}"
+    )
+
+
+def profile_sentence(
+    adam: float | None, ranks: Sequence[tuple[int, float | None]], full_rank: int
+) -> str:
+    """One sentence read off the rank profile: which ranks beat tuned Adam, and by how much.
+
+    ``adam``: the profile's tuned-Adam score; ``ranks``: (k, best score) per
+    rank, scores being early-stopped validation losses (lower is better).
+    """
+    scored = [(k, v) for k, v in ranks if v is not None and math.isfinite(v)]
+    if adam is None or not scored:
+        return "no rank has a finite score to compare with tuned Adam."
+    truncating = [(k, v) for k, v in scored if k < full_rank]
+    better = [(k, v) for k, v in truncating if v < adam]
+    if better:
+        k, v = min(better, key=lambda item: item[1])
+        return (
+            f"{len(better)} of {len(truncating)} truncating ranks beat tuned Adam's "
+            f"validation score ({number(adam)} nats): "
+            + ", ".join(f"k={k}" for k, _ in better)
+            + f"; the best, k={k}, by {number(adam - v)} nats."
+        )
+    if not truncating:
+        return f"only full rank ({full_rank}) was profiled."
+    k, v = min(truncating, key=lambda item: item[1])
+    worse = sorted(truncating)
+    low = [v for kk, v in worse if kk <= max(1, full_rank // 8)]
+    text = (
+        f"no rank below full rank beats tuned Adam's validation score ({number(adam)} nats); "
+        f"the closest truncating rank, k={k}, is worse by {number(v - adam)} nats"
+    )
+    if low:
+        text += (
+            f", and every k <= {max(kk for kk, _ in worse if kk <= max(1, full_rank // 8))} "
+            f"is worse by >= {number(min(low) - adam)} nats"
+        )
+    return text + "."
 
 
 def mean_curve(curves: list[list[float | None]]) -> list[float]:
