@@ -270,11 +270,9 @@ def sweep(
     replicates: Annotated[
         int, typer.Option(help="independent tuning replicates per optimizer")
     ] = SweepSpec.replicates,
-    profile: Annotated[
-        bool, typer.Option(help="also run the rank profile's studies (lr tuned per fixed k)")
-    ] = SweepSpec.profile,
     profile_trials: Annotated[
-        int, typer.Option(help="trials per rank-profile study")
+        int,
+        typer.Option(help="trials per rank-profile study (k fixed, lr tuned); 0: no profile"),
     ] = SweepSpec.profile_trials,
 ) -> None:
     """Create or resume the studies and run trials on Ray workers until every budget is met."""
@@ -396,7 +394,9 @@ def run(
     seeds: Annotated[int | None, typer.Option(help="final trainings per winner")] = None,
     replicates: Annotated[int | None, typer.Option(help="tuning replicates")] = None,
     profile_trials: Annotated[int | None, typer.Option(help="trials per profile study")] = None,
-    profile: Annotated[bool, typer.Option(help="run the rank profile")] = True,
+    profile: Annotated[
+        bool, typer.Option(help="run the rank profile (--no-profile: skip it)")
+    ] = True,
     train_subset: SubsetOption = None,
     experiment: Annotated[
         str | None, typer.Option(help="default: the preset's name (quick, paper)")

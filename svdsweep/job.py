@@ -76,7 +76,8 @@ class Preset:
         )
 
 
-#: The full protocol: exactly the sweep's and the reporter's own defaults.
+#: The full protocol: the sweep's and the reporter's defaults, with 3 tuning replicates
+#: and the rank profile.
 PAPER = Preset(
     name="paper",
     experiment="paper",
@@ -84,8 +85,8 @@ PAPER = Preset(
     trial_epochs=SweepSpec.trial_epochs,
     seeds=ReportSpec.seeds,
     train_subset=SweepSpec.train_subset,
-    replicates=SweepSpec.replicates,
-    profile_trials=SweepSpec.profile_trials,
+    replicates=3,
+    profile_trials=10,
     profile_ranks=SweepSpec.profile_ranks,
     expected="measured PAPER_MINUTES on 2 CPU cores",
 )
@@ -171,8 +172,7 @@ def run_job(
         trial_epochs=sizes.trial_epochs,
         train_subset=sizes.train_subset,
         replicates=sizes.replicates,
-        profile=sizes.profile_trials > 0,
-        profile_trials=max(1, sizes.profile_trials),
+        profile_trials=sizes.profile_trials,
         profile_ranks=sizes.profile_ranks,
         ray_address="local",
         ray_node_ip=ray_node_ip,

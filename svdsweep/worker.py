@@ -229,7 +229,12 @@ def _run_trial(
                 curves.setdefault(name, []).append(value)
             score = early_stopped(curves["val_loss"]).value  # the objective, so far
             retrying(lambda: trial.report(score, epoch))
-            if settings.pruner != "none" and retrying(trial.should_prune):
+            # A trial that has trained its whole horizon is complete, never pruned.
+            if (
+                settings.pruner != "none"
+                and epoch < settings.epochs
+                and retrying(trial.should_prune)
+            ):
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
         value: float | None = None
