@@ -172,14 +172,16 @@ def conclude_across(
             f"tuning replicates the tuned SVD(Adam) truncates nothing ({'; '.join(untruncated)}), "
             f"so it is plain Adam.{tail}"
         )
+    # An untruncated replicate compares Adam with itself: it supports nothing either way.
     counts = {
-        outcome: sum(1 for o, _, _ in replicates if o == outcome)
+        outcome: sum(1 for o, truncates, _ in replicates if o == outcome and truncates)
         for outcome in ("supported", "not supported", "inconclusive")
     }
     agreement = (
         f"{counts['supported']} of {total} replicates find SVD(Adam) significantly better, "
         f"{counts['not supported']} find tuned Adam significantly better, "
         f"{counts['inconclusive']} find no significant difference"
+        + (f", {len(untruncated)} truncate nothing" if untruncated else "")
     )
     if counts["supported"] == total:
         return "supported", (
