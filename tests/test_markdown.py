@@ -1,7 +1,9 @@
-"""results.json as typed results, and report.md, the dashboard note and the figure drawn from them.
+"""results.json as typed results, and report.md, the dashboard note and the figures drawn from them.
 
-Uses the committed report of the paper protocol (docs/results/results.json),
-and copies of it changed the way a different run would differ.
+Uses the results of a real run of the quick preset at small sizes (3 tuning
+replicates, a rank profile; tests/data/results-quick.json, written by
+``svdsweep run --trials 4 --trial-epochs 3 --seeds 3 --train-subset 1000
+--profile-trials 2``), and copies of it changed the way a different run would differ.
 """
 
 from __future__ import annotations
@@ -16,104 +18,137 @@ import pytest
 from svdsweep.plot import redraw
 from svdsweep.report.markdown import dashboard_note, render_markdown
 from svdsweep.report.results import Results
-from svdsweep.report.stats import format_params
+from svdsweep.report.stats import conclude_across, format_params
 
-PAPER = Path(__file__).resolve().parents[1] / "docs" / "results" / "results.json"
+QUICK = Path(__file__).resolve().parent / "data" / "results-quick.json"
 
 
 @pytest.fixture
-def paper() -> Results:
-    return Results.read(PAPER)
+def quick() -> Results:
+    return Results.read(QUICK)
 
 
 def test_results_json_reads_into_typed_results_and_writes_back_byte_for_byte(
-    paper: Results,
+    quick: Results,
 ) -> None:
-    assert paper.to_json() == PAPER.read_text()
-    assert paper.studies["svd-adam"].settings.space.k_high == 64
-    assert paper.runs[0].config.optimizer == paper.runs[0].optimizer
-    assert len(paper.runs_of("adam")) == len(paper.protocol.seeds) == 5
-    assert paper.test.test_acc.p_value == pytest.approx(0.8567599632877732)
+    assert quick.to_json() == QUICK.read_text()
+    assert quick.replicates[0].studies["svd-adam"].settings.space.k_high == 256
+    assert quick.runs[0].config.optimizer == quick.runs[0].optimizer
+    assert len(quick.runs_of("adam")) == 3 * len(quick.protocol.seeds) == 9
+    assert len(quick.runs_of("adam", replicate=2)) == 3
+    assert quick.profile is not None and [p.rank for p in quick.profile.ranks] == [
+        1,
+        4,
+        16,
+        64,
+        256,
+    ]
 
 
 def test_an_unknown_schema_is_refused() -> None:
-    raw = json.loads(PAPER.read_text())
-    raw["schema"] = 99
-    with pytest.raises(ValueError, match="results schema 99"):
+    raw = json.loads(QUICK.read_text())
+    raw["schema"] = 1  # the layout before tuning replicates and early stopping
+    with pytest.raises(ValueError, match="results schema 1, this svdsweep reads 2"):
         Results.from_dict(raw)
 
 
-def test_non_finite_values_are_written_as_null(paper: Results) -> None:
-    paper.runs[0].val_loss[-1] = float("nan")
-    written = json.loads(paper.to_json())
+def test_non_finite_values_are_written_as_null(quick: Results) -> None:
+    quick.runs[0].val_loss[-1] = float("nan")
+    written = json.loads(quick.to_json())
     assert written["runs"][0]["val_loss"][-1] is None
 
 
-def test_report_md_states_the_verdict_the_numbers_and_how_to_reproduce(paper: Results) -> None:
-    text = render_markdown(paper, storage_flag="postgresql+psycopg2://u:***@db/x y")
+def test_report_md_states_the_metric_first_then_the_verdict_and_how_to_reproduce(
+    quick: Results,
+) -> None:
+    text = render_markdown(quick, storage_flag="postgresql+psycopg2://u:***@db/x y")
     headings = [line for line in text.splitlines() if line.startswith(("# ", "## "))]
     assert headings == [
         "# Does SVD(Adam) train better than tuned Adam?",
         "## The method",
-        "## The sweep: best parameters",
-        "## Final trainings: 5 seeds × 20 epochs",
-        "## Significance test",
+        "## The sweep: each replicate's winners",
+        "## Final trainings: 3 seeds × 3 epochs per winner",
+        "## The rank profile",
         "## Conclusion",
         "## Reproduce",
-        "# redraw the figure from results.json alone, without retraining:",
+        "# redraw the figures from results.json alone, without retraining:",
         "## Provenance",
     ]
-    assert f"**Verdict. {paper.verdict}**" in text
-    assert "Supported: SVD(Adam) reaches a lower final test loss" in text
-    for optimizer in ("adam", "svd-adam"):
-        assert format_params(paper.studies[optimizer].best.params) in text
-    summary = paper.summary["svd-adam"]
-    assert summary.test_loss.mean is not None and summary.test_loss.std is not None
-    assert f"{summary.test_loss.mean:.4f} ± {summary.test_loss.std:.4f}" in text
-    assert "| `paper-svd-adam` | 30 / 0 / 0; 2 (budget 30) | 0.3053 |" in text
-    assert "p = 0.857" in text  # test accuracy, for information
-    assert "(comparison.png)" in text
+    metric, verdict = text.index("**Primary metric**"), text.index("**Verdict.")
+    assert metric < verdict and "early-stopped model" in text[metric:verdict]
+    assert f"**Verdict. {quick.verdict}**" in text
+    assert quick.verdict.startswith("Inconclusive: the replicates do not agree")
+    for replicate in quick.replicates:
+        for optimizer in ("adam", "svd-adam"):
+            assert format_params(replicate.studies[optimizer].best.params) in text
+        summary = replicate.summary["svd-adam"].test_loss
+        assert summary.mean is not None and summary.std is not None
+        assert f"{summary.mean:.4f} ± {summary.std:.4f}" in text
+    assert "| 1 | `quick-svd-adam` |" in text and "| 3 | `quick-svd-adam-r3` |" in text
+    assert "(comparison.png)" in text and "(rank_profile.png)" in text
+    assert quick.profile is not None
+    assert f"**{quick.profile.sentence[0].upper()}{quick.profile.sentence[1:]}**" in text
+    assert "the published MLP baseline" in text and "88.33%" in text
+    assert "**The original experiment** tuned each optimizer once" in text
     # The storage flag is quoted for the shell; the seeds and epochs are the report's.
     assert (
         "svdsweep report --storage 'postgresql+psycopg2://u:***@db/x y' "
-        "--experiment paper --epochs 20 --seeds 5"
+        "--experiment quick --epochs 3 --seeds 3"
     ) in text
     assert text.endswith("Per-run times are in results.json.\n")
 
 
-def test_the_caveats_are_read_off_the_results(paper: Results) -> None:
-    text = render_markdown(paper, storage_flag=None)
-    assert "Adam's is lowest at epoch 8 (0.3039) and 0.3811 at epoch 20" in text
-    assert "The rank-51 gradient keeps 99.9996% of the gradient's energy" in text
-    assert "Test accuracy does not differ significantly" in text
-    assert "quick run" not in text and "diverged and are left out" not in text
+def test_the_caveats_are_read_off_the_results(quick: Results) -> None:
+    text = render_markdown(quick, storage_flag=None)
+    assert "Training used 1000 images, not the full 50k: a quick run" in text
+    assert "diverged and are left out" not in text
     assert "--storage" not in text, "no storage flag when the default was used"
+    energies = ", ".join(f"{100 * r.kept_energy:.3f}%" for r in quick.replicates if r.kept_energy)
+    assert f"The tuned SVD(Adam) keeps {energies} of the gradient energy" in text
 
-    changed = copy.deepcopy(paper)
-    changed.protocol.train_subset = 10_000
-    changed.summary["adam"].diverged = 1
-    changed.studies["svd-adam"].best.params["k"] = 64
+    changed = copy.deepcopy(quick)
+    changed.protocol.train_subset = None
+    changed.replicates[0].summary["adam"].diverged = 1
+    changed.protocol.epochs = 20
     text = render_markdown(changed, storage_flag=None)
-    assert "Training used 10000 images, not the full 50k: a quick run" in text
-    assert "1 final run(s) diverged and are left out of the test." in text
-    assert "The best k (64) is the top of the searched range [1, 64]" in text
+    assert "quick run" not in text
+    assert "1 final run(s) diverged and are left out of the tests." in text
+    assert "Trials trained 3 epochs but the finals 20" in text
 
 
-def test_the_dashboard_note_shows_the_verdict_and_the_attached_figure(paper: Results) -> None:
+def test_an_untruncated_winner_reads_as_no_test_of_denoising(quick: Results) -> None:
+    """The headline a reader sees first, when the tuned k keeps all the energy."""
+    changed = copy.deepcopy(quick)
+    for replicate in changed.replicates:
+        replicate.truncates, replicate.why_not = False, "k=51 keeps 99.9996% ..."
+    assert changed.profile is not None
+    changed.outcome, changed.verdict = conclude_across(
+        [(r.outcome, r.truncates, r.why_not) for r in changed.replicates],
+        changed.profile.sentence,
+    )
+    text = render_markdown(changed, storage_flag=None)
+    assert "**Verdict. This comparison does not test denoising: in 3 of 3" in text
+    assert "The rank profile shows: " + changed.profile.sentence in text
+    assert "no truncation: k=51 keeps 99.9996%" in text  # the replicate's row says why
+
+
+def test_the_dashboard_note_shows_the_verdict_and_the_attached_figure(quick: Results) -> None:
     ids = {"comparison.png": "fig-id", "report.md": "md-id"}
-    note = dashboard_note(paper, Path("/out"), "svd-adam", 7, ids)
-    assert note.startswith(f"## svdsweep report, {paper.created_at}")
-    assert f"**{paper.verdict}**" in note
-    assert f"Best trial of this study: #{paper.studies['svd-adam'].best.number}" in note
+    note = dashboard_note(quick, Path("/out"), "quick-svd-adam-r2", 7, ids)
+    assert note.startswith(f"## svdsweep report, {quick.created_at}")
+    assert f"**{quick.verdict}**" in note
+    assert "This note is attached to `quick-svd-adam-r2`" in note
     assert "![comparison](/artifacts/7/fig-id)" in note
-    assert "| SVD(Adam) | lr=0.000658, k=51 |" in note
+    params = format_params(quick.replicates[1].studies["svd-adam"].best.params)
+    assert f"| 2 | SVD(Adam) | {params} |" in note
     assert "are in `/out`" in note
 
 
-def test_the_figure_is_drawn_from_results_json_as_recorded(tmp_path: Path) -> None:
-    info = redraw(PAPER, tmp_path / "comparison.png")
-    recorded = Results.read(PAPER).figure
-    assert info == recorded
-    data = (tmp_path / "comparison.png").read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    assert list(struct.unpack(">II", data[16:24])) == recorded.size_px
+def test_the_figures_are_drawn_from_results_json_as_recorded(tmp_path: Path) -> None:
+    info = redraw(QUICK, tmp_path)
+    recorded = Results.read(QUICK)
+    assert info == [recorded.figure, recorded.profile_figure]
+    for figure in info:
+        data = (tmp_path / figure.file).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        assert list(struct.unpack(">II", data[16:24])) == figure.size_px

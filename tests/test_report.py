@@ -30,14 +30,29 @@ from svdsweep.cluster import LOCAL_RAY_NODE_IP, ray_session
 from svdsweep.plot import redraw
 from svdsweep.report import FINAL_SEED_BASE, ReportOutcome, ReportSpec, build_report
 from svdsweep.report.stats import format_params
+from svdsweep.score import early_stopped
 from svdsweep.space import config_from_params
 from svdsweep.studies import create_or_resume, load_settings, study_name
 from svdsweep.sweep import SweepSpec, run_sweep
 from svdsweep.train import OPTIMIZERS, train
 
 EXPERIMENT = "rep"
-TINY_SWEEP = {"trials": 2, "trial_epochs": 1, "train_subset": 2000}
+#: Two tuning replicates and a two-rank profile: every part of the protocol, tiny.
+TINY_SWEEP = {
+    "trials": 2,
+    "trial_epochs": 2,
+    "train_subset": 2000,
+    "replicates": 2,
+    "profile_trials": 2,
+    "profile_ranks": (4, 256),
+}
 EPOCHS, SEEDS = 2, 2
+TUNING_STUDIES = [
+    f"{EXPERIMENT}-{optimizer}{suffix}"
+    for suffix in ("", "-r2")
+    for optimizer in ("adam", "svd-adam")
+]
+FILES = ["comparison.png", "rank_profile.png", "report.md", "results.json"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 pytestmark = pytest.mark.slow
@@ -84,7 +99,7 @@ def swept(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             final = run_sweep(
                 SweepSpec(storage=url, experiment=EXPERIMENT, **TINY_SWEEP), progress=False
             )
-            assert [study.finished for study in final] == [2, 2]
+            assert [study.finished for study in final] == [2] * 7  # 4 tuning + 3 profile
         yield urls
 
 
@@ -92,7 +107,7 @@ def swept(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 def reported(
     swept: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, ReportOutcome]:
-    """One report per backend: 2 seeds x 2 epochs per optimizer."""
+    """One report per backend: 2 seeds x 2 epochs per winner."""
     return {
         backend: _report(url, tmp_path_factory.mktemp(f"report-{backend}"))
         for backend, url in swept.items()
@@ -120,8 +135,9 @@ def _png_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
-def _best(url: str, optimizer: str) -> optuna.trial.FrozenTrial:
-    return optuna.load_study(study_name=study_name(EXPERIMENT, optimizer), storage=url).best_trial
+def _best(url: str, optimizer: str, replicate: int = 1) -> optuna.trial.FrozenTrial:
+    name = study_name(EXPERIMENT, optimizer) + ("" if replicate == 1 else f"-r{replicate}")
+    return optuna.load_study(study_name=name, storage=url).best_trial
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
@@ -129,56 +145,96 @@ def test_a_report_from_a_real_sweep(
     backend: str, reported: dict[str, ReportOutcome], swept: dict[str, str]
 ) -> None:
     outcome = reported[backend]
-    assert sorted(p.name for p in outcome.out.iterdir()) == [
-        "comparison.png",
-        "report.md",
-        "results.json",
-    ]
+    assert sorted(p.name for p in outcome.out.iterdir()) == FILES
     assert not [p for p in outcome.out.parent.iterdir() if p.name.startswith(".results")]
 
-    # The figure: a PNG of sensible size, with the panels results.json records.
+    # The figures: PNGs of sensible size, with the panels results.json records.
     results = json.loads(outcome.results_json.read_text())
-    width, height = _png_size(outcome.figure)
-    assert (width, height) == tuple(results["figure"]["size_px"])
-    assert 1200 <= width <= 2400 and 400 <= height <= 1000
-    assert matplotlib.image.imread(outcome.figure).shape[:2] == (height, width)
-    assert outcome.figure.stat().st_size > 20_000  # drawn, not blank
-    assert results["figure"]["panels"] == ["val_loss", "val_acc", "energy"]
+    for figure, key in (
+        (outcome.figure, "figure"),
+        (outcome.out / "rank_profile.png", "profile_figure"),
+    ):
+        width, height = _png_size(figure)
+        assert (width, height) == tuple(results[key]["size_px"])
+        assert 600 <= width <= 2400 and 400 <= height <= 1000
+        assert matplotlib.image.imread(figure).shape[:2] == (height, width)
+        assert figure.stat().st_size > 20_000  # drawn, not blank
+    assert results["figure"]["panels"] == ["val_loss", "val_acc", "energy", "test_loss"]
 
-    # results.json: every curve with the right length, every seed, provenance.
+    # results.json: every replicate's winners retrained over every seed, with the
+    # early-stopped and the last epoch's test numbers.
     seeds = [FINAL_SEED_BASE + i for i in range(SEEDS)]
     assert results["protocol"]["seeds"] == seeds
+    assert results["protocol"]["replicates"] == 2
     assert results["protocol"]["train_subset"] == TINY_SWEEP["train_subset"]
-    for optimizer in OPTIMIZERS:
-        runs = [run for run in results["runs"] if run["optimizer"] == optimizer]
-        assert sorted(run["seed"] for run in runs) == seeds
-        for run in runs:
-            assert run["config"]["seed"] == run["seed"] and run["config"]["evaluate_test"]
-            for curve in ("train_loss", "val_loss", "val_acc", "epoch_seconds"):
-                assert len(run[curve]) == EPOCHS, curve
-            assert len(run["energy"]) == (EPOCHS if optimizer == "svd-adam" else 0)
-            assert 0.0 < run["test_acc"] <= 1.0 and run["test_loss"] > 0
-            assert run["started_at"] < run["finished_at"]
-        best = _best(swept[backend], optimizer)
-        assert results["studies"][optimizer]["best"]["params"] == best.params
-        assert results["studies"][optimizer]["best"]["number"] == best.number
-        assert results["studies"][optimizer]["trials"]["COMPLETE"] == 2
+    assert results["protocol"]["primary_metric"].startswith(
+        "test loss (cross-entropy, nats) of the early-stopped model"
+    )
+    for replicate in (1, 2):
+        (record,) = [r for r in results["replicates"] if r["replicate"] == replicate]
+        for optimizer in OPTIMIZERS:
+            runs = [
+                run
+                for run in results["runs"]
+                if run["optimizer"] == optimizer and run["replicate"] == replicate
+            ]
+            assert sorted(run["seed"] for run in runs) == seeds
+            best = _best(swept[backend], optimizer, replicate)
+            for run in runs:
+                assert run["config"]["seed"] == run["seed"] and run["config"]["evaluate_test"]
+                assert run["config"]["lr"] == best.params["lr"]
+                for curve in ("train_loss", "val_loss", "val_acc", "epoch_seconds"):
+                    assert len(run[curve]) == EPOCHS, curve
+                assert len(run["energy"]) == (EPOCHS if optimizer == "svd-adam" else 0)
+                assert 1 <= run["best_epoch"] <= EPOCHS
+                assert run["best_val_loss"] == min(run["val_loss"])
+                assert 0.0 < run["test_acc"] <= 1.0 and run["test_loss"] > 0
+                assert 0.0 < run["last_test_acc"] <= 1.0 and run["last_test_loss"] > 0
+                if run["best_epoch"] == EPOCHS:  # the last epoch is the early-stopped model
+                    assert run["test_loss"] == run["last_test_loss"]
+                assert run["started_at"] < run["finished_at"]
+            study = record["studies"][optimizer]
+            assert study["best"]["params"] == best.params
+            assert study["best"]["number"] == best.number
+            assert study["best"]["value"] == best.value
+            assert study["trials"]["COMPLETE"] + study["trials"]["PRUNED"] == 2
+        assert 0.0 <= record["test"]["p_value"] <= 1.0
+        assert record["outcome"] in ("supported", "not supported", "inconclusive")
     assert set(results["versions"]) >= {"svdsweep", "torch", "optuna", "ray"}
     assert results["hardware"]["driver"]["cpu_count"] >= 1
     assert results["hardware"]["run_devices"] and results["hardware"]["run_nodes"]
     assert results["durations"]["final_trainings_wall_s"] > 0
-    assert 0.0 <= results["test"]["p_value"] <= 1.0
 
-    # report.md: both best parameter sets, the table, the figure, a verdict with its p-value.
+    # The rank profile: one best score per grid rank, and Adam's reference.
+    profile = results["profile"]
+    assert [point["rank"] for point in profile["ranks"]] == [4, 256]
+    assert profile["full_rank"] == 256 and profile["budget"] == 2
+    for point in [*profile["ranks"], profile["adam"]]:
+        name = point["study"]
+        study = optuna.load_study(study_name=name, storage=swept[backend])
+        assert point["value"] == study.best_value and point["params"] == study.best_params
+    assert profile["ranks"][1]["kept_energy"] == 1.0  # full rank truncates nothing
+    assert 0.0 < profile["ranks"][0]["kept_energy"] < 1.0
+    assert profile["sentence"] and profile["trials"] == 6
+
+    # report.md: the primary metric before any number, every winner, both figures, the verdict.
     text = outcome.report.read_text()
-    for optimizer in OPTIMIZERS:
-        assert format_params(_best(swept[backend], optimizer).params) in text
-    assert "| Adam |" in text and "| SVD(Adam) |" in text
-    assert "test accuracy" in text and " ± " in text
-    assert "![" in text and "(comparison.png)" in text
+    assert text.index("**Primary metric**") < text.index("**Verdict.")
+    assert not re.search(r"\d", text[: text.index("**Verdict.")].split("**Primary metric**")[0])
+    for replicate in (1, 2):
+        for optimizer in OPTIMIZERS:
+            assert format_params(_best(swept[backend], optimizer, replicate).params) in text
+    assert "| 1 | Adam |" in text and "| 2 | SVD(Adam) |" in text
+    assert "(comparison.png)" in text and "(rank_profile.png)" in text
+    assert "## The rank profile" in text and profile["sentence"][1:] in text
+    assert "**The original experiment**" in text and "88.33%" in text
     verdict = results["verdict"]
-    assert re.search(r"p = \d", verdict), verdict
-    assert verdict.split(":")[0] in ("Supported", "Not supported", "Inconclusive")
+    assert verdict.split(":")[0] in (
+        "Supported",
+        "Not supported",
+        "Inconclusive",
+        "This comparison does not test denoising",
+    )
     assert f"**Verdict. {verdict}**" in text
 
 
@@ -187,7 +243,7 @@ def test_final_trainings_ran_in_parallel_on_ray_workers(
 ) -> None:
     assert ray_cluster.cluster_resources()["CPU"] >= 2
     runs = reported["sqlite"].results.runs
-    assert len(runs) == 2 * SEEDS
+    assert len(runs) == 2 * 2 * SEEDS  # 2 replicates x 2 optimizers
     assert len({run.pid for run in runs}) >= 2, "all runs in one worker process"
     assert all(run.node_ip == LOCAL_RAY_NODE_IP for run in runs)  # loopback-only
     # Some two runs were in flight at the same instant.
@@ -202,11 +258,13 @@ def test_the_figure_is_redrawn_from_results_json_alone(
     reported: dict[str, ReportOutcome], tmp_path: Path
 ) -> None:
     outcome = reported["sqlite"]
-    info = redraw(outcome.results_json, tmp_path / "again.png")
-    assert info.panels == ["val_loss", "val_acc", "energy"]
-    original = matplotlib.image.imread(outcome.figure)
-    again = matplotlib.image.imread(tmp_path / "again.png")
-    assert (original == again).all()
+    info = redraw(outcome.results_json, tmp_path)
+    assert [figure.file for figure in info] == ["comparison.png", "rank_profile.png"]
+    assert info[0].panels == ["val_loss", "val_acc", "energy", "test_loss"]
+    for name in ("comparison.png", "rank_profile.png"):
+        original = matplotlib.image.imread(outcome.out / name)
+        again = matplotlib.image.imread(tmp_path / name)
+        assert (original == again).all(), name
 
 
 def test_a_retrain_reproduces_its_trial(swept: dict[str, str]) -> None:
@@ -224,7 +282,7 @@ def test_a_retrain_reproduces_its_trial(swept: dict[str, str]) -> None:
             recorded = best.user_attrs["curves"]["val_loss"]
             retrained = train(config).val_loss
             assert retrained == pytest.approx(recorded, abs=1e-6, rel=0)
-            assert retrained[-1] == pytest.approx(best.value, abs=1e-6, rel=0)
+            assert early_stopped(retrained).value == pytest.approx(best.value, abs=1e-6, rel=0)
     finally:
         torch.set_num_threads(threads)
 
@@ -242,10 +300,14 @@ def test_artifacts_are_attached_and_a_rerun_replaces_them(
 
     def attached() -> dict[str, dict[str, str]]:
         found = {}
-        for optimizer in OPTIMIZERS:
-            study = optuna.load_study(study_name=study_name(EXPERIMENT, optimizer), storage=url)
+        for name in TUNING_STUDIES:
+            study = optuna.load_study(study_name=name, storage=url)
             metas = get_all_artifact_meta(study)
-            assert sorted(m.filename for m in metas) == ["comparison.png", "report.md"]
+            assert sorted(m.filename for m in metas) == [
+                "comparison.png",
+                "rank_profile.png",
+                "report.md",
+            ]
             found[study.study_name] = {m.filename: m.artifact_id for m in metas}
             assert found[study.study_name]["comparison.png"] in get_note(study), (
                 "the note shows the figure"
@@ -269,19 +331,15 @@ def test_artifacts_are_attached_and_a_rerun_replaces_them(
     assert after == rerun.artifact_ids
     for name in after:
         assert set(after[name].values()).isdisjoint(before[name].values())
-    assert len(list(first.artifact_dir.iterdir())) == 2 * len(OPTIMIZERS), "old files removed"
+    assert len(list(first.artifact_dir.iterdir())) == 3 * len(TUNING_STUDIES), "old files removed"
     for ids in after.values():
         report_id = ids["report.md"]
         content = downloaded(report_id, first.out.parent / f"{report_id}.md").decode()
         assert content == rerun.report.read_text()
-        assert f"{SEEDS} seeds × 1 epochs" in content
+        assert f"{SEEDS} seeds × 1 epochs per winner" in content
     assert json.loads(rerun.results_json.read_text())["protocol"]["epochs"] == 1
     assert not [p for p in first.out.parent.iterdir() if p.name.startswith(".results")]
-    assert sorted(p.name for p in first.out.iterdir()) == [
-        "comparison.png",
-        "report.md",
-        "results.json",
-    ], "replaced in place, no staging left"
+    assert sorted(p.name for p in first.out.iterdir()) == FILES, "replaced in place, no staging"
 
 
 @pytest.fixture(scope="module")
@@ -335,26 +393,22 @@ def test_bad_input_is_one_line_and_leaves_no_results(
 
 
 def test_svdsweep_run_quick_end_to_end(module_env: dict[str, str], tmp_path: Path) -> None:
+    """The quick preset at test sizes: replicates, the rank profile, the report, the dashboard."""
     result = svdsweep_cli(
-        "run",
-        "--trials",
-        "2",
-        "--trial-epochs",
-        "1",
-        "--epochs",
-        "1",
-        "--seeds",
-        "2",
-        "--train-subset",
-        "2000",
+        *("run", "--trials", "2", "--trial-epochs", "2", "--seeds", "2"),
+        *("--train-subset", "2000", "--profile-trials", "1"),
         env=module_env,
         cwd=tmp_path,
-        timeout=300,
+        timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr.startswith("preset quick: 2 trials x 1 epochs per study")
-    for name in ("comparison.png", "report.md", "results.json"):
+    assert result.stderr.startswith(
+        "preset quick: 3 tuning replicates of 2 trials x 2 epochs per optimizer, a rank profile "
+        "of 1 trials per rank, then 2 seeds x 2 epochs per winner"
+    )
+    for name in FILES:
         assert (tmp_path / "results" / name).is_file()
+    for name in ("comparison.png", "report.md", "results.json"):
         assert f"{tmp_path / 'results' / name}" in result.stdout
     program, arguments = result.stdout.strip().splitlines()[-1].strip().split(" ", 1)
     assert arguments == (
@@ -365,12 +419,46 @@ def test_svdsweep_run_quick_end_to_end(module_env: dict[str, str], tmp_path: Pat
     found = shutil.which(program, path=module_env.get("PATH"))
     assert found and Path(found).resolve() == Path(SVDSWEEP).resolve(), program
     url = f"sqlite:///{tmp_path}/svdsweep.db"
-    for optimizer in OPTIMIZERS:
-        study = optuna.load_study(study_name=f"quick-{optimizer}", storage=url)
+    names = optuna.get_all_study_names(url)
+    tuning = [f"quick-{o}{r}" for r in ("", "-r2", "-r3") for o in OPTIMIZERS]
+    profile = ["quick-profile-adam"] + [f"quick-profile-k{k}" for k in (1, 4, 16, 64, 256)]
+    assert sorted(names) == sorted(tuning + profile)
+    for name in tuning:
+        study = optuna.load_study(study_name=name, storage=url)
         assert len(study.trials) == 2
-        assert len(get_all_artifact_meta(study)) == 2
+        assert len(get_all_artifact_meta(study)) == 3
     results = json.loads((tmp_path / "results" / "results.json").read_text())
-    assert results["experiment"] == "quick" and results["protocol"]["epochs"] == 1
+    assert results["experiment"] == "quick" and results["protocol"]["epochs"] == 2
+    assert len(results["replicates"]) == 3
+    assert [point["rank"] for point in results["profile"]["ranks"]] == [1, 4, 16, 64, 256]
+    assert all(point["value"] is not None for point in results["profile"]["ranks"])
+
+
+def test_two_runs_of_the_quick_preset_reach_the_same_verdict_category(
+    module_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Parallel TPE makes each tuning run one draw; the verdict must not depend on it.
+
+    12 trials per study, so that TPE (after its 10 random trials) proposes from
+    histories whose order the 2 workers decide; smaller data and epochs than
+    the preset, for time.
+    """
+    outcomes = []
+    for attempt in ("first", "second"):
+        directory = tmp_path / attempt
+        directory.mkdir()
+        result = svdsweep_cli(
+            *("run", "--trials", "12", "--trial-epochs", "3", "--seeds", "3"),
+            *("--train-subset", "3000", "--no-profile"),
+            env=module_env,
+            cwd=directory,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        outcomes.append(json.loads((directory / "results" / "results.json").read_text()))
+    first, second = outcomes
+    assert first["outcome"] == second["outcome"], (first["verdict"], second["verdict"])
+    assert first["outcome"] in ("supported", "not supported", "inconclusive", "untested")
 
 
 def test_svdsweep_run_refuses_bad_sizes_before_doing_anything(

@@ -42,12 +42,17 @@ from svdsweep.studies import (
     experiment_status,
     study_name,
 )
-from svdsweep.sweep import SweepSpec, run_sweep
+from svdsweep.sweep import SweepSpec as _SweepSpec
+from svdsweep.sweep import run_sweep
 from svdsweep.train import OPTIMIZERS
 from svdsweep.worker import run_worker
 
 # Ray workers cannot import the tests directory: ship the objective by value.
 ray.cloudpickle.register_pickle_by_value(cheap_objective)
+
+#: Orchestration tests count COMPLETE trials: no pruning unless a test asks for it
+#: (test_successive_halving_keeps_budgets_exact... does).
+SweepSpec = functools.partial(_SweepSpec, pruner="none")
 
 REPO = Path(__file__).resolve().parents[1]
 #: Dead workers are noticed within seconds. Read from the environment by the
@@ -158,7 +163,8 @@ def test_trials_record_what_the_issue_asks(pg_url: str) -> None:
         for trial in _trials(pg_url, "attrs", optimizer):
             attrs = trial.user_attrs
             assert len(attrs["curves"]["val_loss"]) == 2
-            assert trial.value == attrs["curves"]["val_loss"][-1]
+            assert trial.value == min(attrs["curves"]["val_loss"])  # the early-stopped score
+            assert attrs["best_epoch"] == 2
             assert attrs["worker_host"] and attrs["worker_node_ip"] == "127.0.0.2"
             assert attrs["device"] == "cpu"
             assert attrs["duration_s"] > 0
@@ -223,6 +229,47 @@ def test_a_study_with_another_search_space_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip().startswith("error: study 'space-adam' already exists")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_successive_halving_keeps_budgets_exact_with_eight_workers_on_postgresql(
+    pg_url: str,
+) -> None:
+    """The default pruner, on every study of the full protocol: replicates and the profile."""
+    spec = _SweepSpec(
+        storage=pg_url,
+        experiment="sha",
+        trials=12,
+        workers=8,
+        gpus_per_worker=0,
+        cpus_per_worker=0.25,
+        trial_epochs=6,
+        replicates=2,
+        profile_trials=4,
+        profile_ranks=(2, 256),
+    )
+    assert spec.pruner == "successive-halving"
+    final = run_sweep(spec, objective=functools.partial(objective, seconds=0.3), progress=False)
+    budgets = {status.name: status.budget for status in final}
+    assert budgets == {
+        "sha-adam": 12,
+        "sha-svd-adam": 12,
+        "sha-adam-r2": 12,
+        "sha-svd-adam-r2": 12,
+        "sha-profile-adam": 4,
+        "sha-profile-k2": 4,
+        "sha-profile-k256": 4,
+    }
+    pruned = 0
+    for name, budget in budgets.items():
+        study = optuna.load_study(study_name=name, storage=pg_url)
+        states = [trial.state for trial in study.trials]
+        assert states.count(TrialState.COMPLETE) + states.count(TrialState.PRUNED) == budget
+        assert TrialState.RUNNING not in states and TrialState.WAITING not in states
+        pruned += states.count(TrialState.PRUNED)
+        for trial in study.trials:
+            if trial.state == TrialState.PRUNED:  # stopped at a rung, before the horizon
+                assert len(trial.user_attrs["curves"]["val_loss"]) < 6
+    assert pruned > 0
 
 
 def test_median_pruning_counts_toward_the_budget(tmp_path: Path) -> None:

@@ -94,7 +94,7 @@ class BestTrialRecord:
     number: int
     value: float | None
     params: dict[str, Any]
-    curves: dict[str, list[float | None]] | None
+    curves: dict[str, Any] | None  # per-epoch curves; energy_per_layer: by layer
     device: str | None
     duration_s: float | None
     worker_node_ip: str | None
