@@ -309,7 +309,7 @@ def status(
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Trials per state, best value and best parameters of both studies."""
+    """Trials per state, best value and best parameters of every study."""
     from svdsweep.storage import open_storage
     from svdsweep.studies import experiment_status, list_experiments
 

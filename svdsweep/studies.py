@@ -275,7 +275,7 @@ def list_experiments(storage: Any) -> list[str]:
 def experiment_status(
     storage_url: str | None, experiment: str, *, storage: Any = None
 ) -> list[StudyStatus]:
-    """Status of both studies; :class:`ExperimentError` when neither exists.
+    """Status of every study of the experiment; :class:`ExperimentError` when there is none.
 
     ``storage``: an already open storage for ``storage_url``, for callers that
     poll (the sweep driver, every second), so that each poll costs two queries

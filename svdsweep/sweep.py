@@ -1,4 +1,4 @@
-"""The sweep driver: create or resume both studies, start Ray workers, watch them finish.
+"""The sweep driver: create or resume every study, start Ray workers, watch them finish.
 
 Ray is the distributed engine: the driver connects to an existing cluster
 (``--ray-address`` / ``RAY_ADDRESS``) or starts a local, loopback-only one, and
@@ -54,7 +54,7 @@ class SweepError(UserError, RuntimeError):
 class SweepSpec:
     """Everything ``svdsweep sweep`` is given; the CLI's defaults are these.
 
-    Settings flow one way: this spec derives both studies' :class:`StudySettings`
+    Settings flow one way: this spec derives every study's :class:`StudySettings`
     (:meth:`study_settings`), which derive each trial's ``TrainConfig``. A
     training default is written once, in ``TrainConfig``, and read from there.
     """
@@ -168,7 +168,7 @@ class SweepSpec:
 def run_sweep(
     spec: SweepSpec, *, objective: Objective | None = None, progress: bool = True
 ) -> list[StudyStatus]:
-    """Runs the sweep to completion and returns the final status of both studies."""
+    """Runs the sweep to completion and returns the final status of every study."""
     url = resolve_storage_url(spec.storage)
     # Read-only checks first: a refused sweep writes nothing and starts no Ray.
     finished = check_resumable(url, spec.experiment, spec.study_settings())
@@ -179,7 +179,7 @@ def run_sweep(
     ):
         create_or_resume(url, spec.experiment, spec.study_settings())  # records the budget
         say(f"storage {redact(url)}; studies: {', '.join(names)}", progress)
-        say("both studies already have their budget: nothing to run", progress)
+        say("every study already has its budget: nothing to run", progress)
         return experiment_status(url, spec.experiment)
 
     with ray_session(spec.ray_address, spec.ray_node_ip) as ray:
