@@ -506,7 +506,8 @@ _DRIVER_SCRIPT = textwrap.dedent(
     ray.cloudpickle.register_pickle_by_value(cheap_objective)
     from svdsweep.sweep import SweepSpec, run_sweep
     spec = SweepSpec(storage={url!r}, experiment="ctrlc", trials=4, workers=2,
-                     gpus_per_worker=0, trial_epochs=2, ray_node_ip="127.0.0.5")
+                     gpus_per_worker=0, trial_epochs=2, ray_node_ip="127.0.0.5",
+                     pruner="none")
     try:
         run_sweep(spec, objective=cheap_objective.cheap_objective)
     except KeyboardInterrupt as interrupt:
