@@ -11,7 +11,7 @@ restarts, the error).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +19,10 @@ import torch
 from torch import Tensor
 
 from svdsweep.optim._gradient_checks import NonFiniteGradientError
+
+#: Steps between host reads of the deferred checks when parameters live on an
+#: accelerator (``sync_every=None``); on the CPU a read costs nothing, so every step.
+DEFAULT_SYNC_EVERY_ON_ACCELERATORS = 16
 
 
 class PendingStep:
@@ -153,3 +157,12 @@ class DeferredChecks:
                 step.undo_host_counters()
                 result.bad_steps += 1
         return result
+
+
+def steps_between_reads(sync_every: int | None, params: Iterable[Tensor]) -> int:
+    """``sync_every`` as given, else by where the (first) parameter lives."""
+    if sync_every is not None:
+        return sync_every
+    first = next(iter(params), None)
+    on_accelerator = first is not None and first.device.type != "cpu"
+    return DEFAULT_SYNC_EVERY_ON_ACCELERATORS if on_accelerator else 1

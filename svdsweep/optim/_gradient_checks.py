@@ -12,6 +12,16 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
+
+#: The torch optimizers that step on sparse gradients (their documentation).
+#: Every other torch optimizer raises on one, and only after it has created
+#: state for the parameters that come before it.
+SPARSE_CAPABLE: tuple[type[Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.Adagrad,
+    torch.optim.SparseAdam,
+)
 
 
 class NonFiniteGradientError(ValueError):
@@ -75,6 +85,53 @@ def checked_norms(
         f"non-finite gradient (NaN or inf) in {', '.join(bad)}; "
         "lower the learning rate, or pass nonfinite='skip' to skip such steps"
     )
+
+
+def refuse_layouts(base: Optimizer, grads: list[Tensor], name_of: Callable[[int], str]) -> None:
+    """Raises, naming the parameters, if ``base`` would refuse a gradient for its layout.
+
+    ``base`` would raise only once its step runs, after the other gradients
+    were projected in place and, for Adam, after it created state for the
+    parameters before the refused one. Raising here leaves everything as it was.
+    """
+    positions = refused_layouts(base, grads)
+    if not positions:
+        return
+    names = ", ".join(name_of(position) for position in positions)
+    kind = "dense" if isinstance(base, torch.optim.SparseAdam) else "sparse"
+    raise RuntimeError(
+        f"{type(base).__name__} does not support {kind} gradients ({names}); the step "
+        "was refused before any gradient, parameter or optimizer state changed. Give "
+        "sparse parameters (e.g. an Embedding(sparse=True)) their own optimizer: SGD, "
+        "Adagrad or SparseAdam, wrapped or not"
+    )
+
+
+def refused_layouts(base: Optimizer, grads: list[Tensor]) -> list[int]:
+    """Positions of the gradients ``base`` would refuse for their layout.
+
+    A torch optimizer outside :data:`SPARSE_CAPABLE` refuses sparse gradients;
+    ``SparseAdam`` refuses dense ones. An optimizer from elsewhere decides for
+    itself (its own class is not torch's): nothing is refused here.
+    """
+    torch_class = _torch_class(base)
+    if torch_class is None:
+        return []
+    if issubclass(torch_class, torch.optim.SparseAdam):
+        return [position for position, grad in enumerate(grads) if not grad.is_sparse]
+    if issubclass(torch_class, SPARSE_CAPABLE):
+        return []
+    return [position for position, grad in enumerate(grads) if grad.is_sparse]
+
+
+def _torch_class(base: Optimizer) -> type | None:
+    """The first torch optimizer class ``base`` is an instance of, ``None`` for other ones."""
+    for cls in type(base).__mro__:
+        if cls is Optimizer:
+            return None
+        if cls.__module__.startswith("torch.optim"):
+            return cls
+    return None
 
 
 def _overflow_safe_norm(values: Tensor) -> Tensor:

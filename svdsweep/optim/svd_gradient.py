@@ -22,8 +22,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from svdsweep.optim import lowrank
-from svdsweep.optim._deferred import DeferredChecks, guarded_step
-from svdsweep.optim._gradient_checks import NonFiniteGradientError, checked_norms
+from svdsweep.optim._deferred import DeferredChecks, guarded_step, steps_between_reads
+from svdsweep.optim._gradient_checks import (
+    NonFiniteGradientError,
+    checked_norms,
+    refuse_layouts,
+)
 from svdsweep.optim._projection import (
     load_projection_state,
     project,
@@ -41,10 +45,6 @@ from svdsweep.optim._settings import (
 
 __all__ = ["DEFAULT_METHOD", "METHODS", "NonFiniteGradientError", "SVDGradient"]
 
-#: Steps between host reads of the deferred checks when parameters live on an
-#: accelerator (``sync_every=None``); on the CPU a read costs nothing, so every step.
-DEFAULT_SYNC_EVERY_ON_ACCELERATORS = 16
-
 
 class SVDGradient(Optimizer):
     r"""Wraps a torch optimizer and low-rank-projects 2D gradients before each step.
@@ -57,9 +57,10 @@ class SVDGradient(Optimizer):
 
     then the base optimizer steps on the modified gradients. Gradients of
     other shapes (biases, norms) are left alone, and so is any gradient with
-    ``k >= min(m, n)``, where no SVD is computed at all. The hypothesis tested
-    with it is that the discarded tail of the spectrum is mostly minibatch
-    noise, so that dropping it "denoises" the update.
+    ``k >= min(m, n)``, where no SVD is computed at all, and any sparse one
+    (refused before anything changes if the base would refuse it). The
+    hypothesis tested with it is that the discarded tail of the spectrum is
+    mostly minibatch noise, so that dropping it "denoises" the update.
 
     The wrapper shares ``param_groups`` with the base optimizer (like timm's
     ``Lookahead``), so learning-rate schedulers and ``add_param_group`` act on
@@ -130,12 +131,7 @@ class SVDGradient(Optimizer):
             base_optimizer = inner
         check_step_policies(nonfinite, sync_every)
         settings = group_settings(rank, method, oversample, power_iters)
-        requested = {
-            "rank": rank,
-            "method": method,
-            "oversample": oversample,
-            "power_iters": power_iters,
-        }
+        requested = dict(rank=rank, method=method, oversample=oversample, power_iters=power_iters)
         # Validate every group's own settings before any group is changed.
         resolved = [
             resolve_settings(group, requested, own_settings(group))
@@ -187,9 +183,6 @@ class SVDGradient(Optimizer):
         state.pop("_placeholder_groups", None)
         return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Adds a group to the base optimizer; unset svd settings take the defaults."""
         if "base_optimizer" not in self.__dict__:
@@ -210,7 +203,7 @@ class SVDGradient(Optimizer):
         gradients are projected before the base optimizer sees them.
         """
         if closure is None:
-            if self._sync_free():
+            if self._sync_every() > 1:  # the sync-free mode
                 self._step_sync_free()
                 return None
             if self._check_and_project():
@@ -243,10 +236,9 @@ class SVDGradient(Optimizer):
         self.synchronize()
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        projection_state = save_projection_state(self.state, self._all_params())
         state_dict: dict[str, Any] = {
             "base": self.base_optimizer.state_dict(),
-            "projection_state": projection_state,
+            "projection_state": save_projection_state(self.state, self._all_params()),
             "generator": self._generator.get_state(),
             "skipped_steps": self.skipped_steps,
             "escalations": dict(self.escalations),
@@ -267,8 +259,7 @@ class SVDGradient(Optimizer):
             if key not in state_dict:
                 raise ValueError(f"not an SVDGradient state dict: missing {key!r}")
         self.base_optimizer.load_state_dict(state_dict["base"])
-        saved = state_dict["projection_state"]
-        self.state = load_projection_state(saved, self._all_params())
+        self.state = load_projection_state(state_dict["projection_state"], self._all_params())
         self._deferred.clear()
         self._generator.set_state(state_dict["generator"])
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
@@ -340,17 +331,7 @@ class SVDGradient(Optimizer):
     # -- internals -------------------------------------------------------------
 
     def _sync_every(self) -> int:
-        if self.sync_every is not None:
-            return self.sync_every
-        return DEFAULT_SYNC_EVERY_ON_ACCELERATORS if self._on_accelerator() else 1
-
-    def _on_accelerator(self) -> bool:
-        for _, _, param in self._all_params():
-            return param.device.type != "cpu"
-        return False
-
-    def _sync_free(self) -> bool:
-        return self._sync_every() > 1
+        return steps_between_reads(self.sync_every, (param for _, _, param in self._all_params()))
 
     def _all_params(self) -> Iterator[tuple[dict[str, Any], int, Tensor]]:
         index = 0
@@ -386,7 +367,7 @@ class SVDGradient(Optimizer):
         non-finite one raises (or skips) with all gradients as they were.
         """
         entries = list(self._params_with_grad())
-        grad_norms = self._gradient_norms(entries)
+        grad_norms = self._checked_norms(entries)
         if grad_norms is None:
             self.skipped_steps += 1
             return False
@@ -400,19 +381,23 @@ class SVDGradient(Optimizer):
             if param.grad is None and param in self.state:
                 self.state[param].pop("energy", None)
 
-    def _gradient_norms(
+    def _checked_norms(
         self, entries: list[tuple[dict[str, Any], int, Tensor]]
     ) -> dict[int, float] | None:
         """‖G‖ of every gradient by parameter index, or ``None`` to skip a non-finite step.
 
-        As Python floats: the low-rank math uses them for its scaling, its
-        certificate and the captured-energy diagnostic without launching a kernel.
+        Raises first if the base refuses a gradient's layout (sparse gradients
+        pass through to a base that takes them), then, under ``nonfinite="raise"``,
+        if one is non-finite. As Python floats: the low-rank math uses them for
+        its scaling, certificate and energy diagnostic without launching a kernel.
         """
-        values = checked_norms(
-            [param.grad for _, _, param in entries],  # type: ignore[misc]
-            lambda position: self._param_name(*entries[position]),
-            skip=self.nonfinite == "skip",
-        )
+        grads: list[Tensor] = [param.grad for _, _, param in entries]  # type: ignore[misc]
+
+        def name_of(position: int) -> str:
+            return self._param_name(*entries[position])
+
+        refuse_layouts(self.base_optimizer, grads, name_of)
+        values = checked_norms(grads, name_of, skip=self.nonfinite == "skip")
         if values is None:
             return None
         return {index: norm for (_, index, _), norm in zip(entries, values, strict=True)}
@@ -438,6 +423,11 @@ class SVDGradient(Optimizer):
         if not entries:
             self.base_optimizer.step()
             return
+        refuse_layouts(
+            self.base_optimizer,
+            [param.grad for _, _, param in entries],  # type: ignore[misc]
+            lambda position: self._param_name(*entries[position]),
+        )
         finite, certificates = project_all_sync_free(
             [(group, param) for group, _, param in entries],
             self.state,
