@@ -63,13 +63,17 @@ class LowRankResult:
 
 
 class Extracted:
-    """One Rayleigh–Ritz extraction in scaled coordinates, before unscaling."""
+    """One Rayleigh–Ritz extraction in scaled coordinates, before unscaling.
 
-    __slots__ = ("approx", "basis", "certificate", "energy", "escalation", "scale", "squared")
+    The approximation is kept as its two thin factors (``m x k`` and ``k x n``),
+    so that :meth:`result` can form the product where the caller wants it.
+    """
+
+    __slots__ = ("basis", "certificate", "energy", "escalation", "factors", "scale", "squared")
 
     def __init__(
         self,
-        approx: Tensor,
+        factors: tuple[Tensor, Tensor],
         squared: Tensor,
         basis: Tensor,
         *,
@@ -78,13 +82,33 @@ class Extracted:
         certificate: Tensor | float,
         escalation: int = 0,
     ) -> None:
-        self.approx, self.squared, self.basis = approx, squared, basis
+        self.factors, self.squared, self.basis = factors, squared, basis
         self.scale, self.energy, self.certificate = scale, energy, certificate
         self.escalation = escalation
 
-    def result(self, dtype: torch.dtype, *, with_basis: bool) -> LowRankResult:
+    def result(
+        self, dtype: torch.dtype, *, with_basis: bool, out: Tensor | None = None
+    ) -> LowRankResult:
+        """Unscaled, in ``dtype``; written into ``out`` when it can hold the product as is.
+
+        ``out`` (contiguous, of the product's shape and dtype, e.g. the
+        gradient itself) saves the ``m x n`` temporary, and the copy into the
+        gradient, of every step: 2–3 % of the step's math (BENCHMARKS.md). The
+        product and the division are the same operations either way, so the
+        result is bit-identical.
+        """
+        left, right = self.factors
+        if (
+            out is not None
+            and out.dtype == left.dtype == dtype
+            and out.is_contiguous()
+            and out.shape == (left.shape[0], right.shape[1])
+        ):
+            approx = torch.mm(left, right, out=out).div_(self.scale)
+        else:
+            approx = ((left @ right) / self.scale).to(dtype)
         return LowRankResult(
-            (self.approx / self.scale).to(dtype),
+            approx,
             self.squared,
             self.basis if with_basis else None,
             scale=self.scale,

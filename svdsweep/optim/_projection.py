@@ -42,8 +42,13 @@ def low_rank(
     norm: Tensor | float,
     generator: torch.Generator,
     sync_free: bool,
+    out: Tensor | None = None,
 ) -> lowrank.LowRankResult:
-    """The group's method on ``matrix``, warm-started from ``state`` where it keeps a basis."""
+    """The group's method on ``matrix``, warm-started from ``state`` where it keeps a basis.
+
+    ``out``: where the fast methods may write the approximation (see
+    :func:`~svdsweep.optim.lowrank.randomized_low_rank`).
+    """
     method = group["method"]
     if method == "exact":
         return lowrank.exact_low_rank(matrix, group["rank"])
@@ -56,6 +61,7 @@ def low_rank(
             generator=generator,
             frobenius_norm=norm,
             certify=None if sync_free else lowrank.CERTIFIED_FRACTION,
+            out=out,
         )
     return lowrank.subspace_low_rank(
         matrix,
@@ -66,6 +72,7 @@ def low_rank(
         generator=generator,
         frobenius_norm=norm,
         sync_free=sync_free,
+        out=out,
     )
 
 
@@ -82,12 +89,14 @@ def project(
     if matrix is None:
         state.pop("energy", None)
         return None
-    result = low_rank(group, state, matrix, norm, generator, sync_free=False)
+    # The gradient itself receives the product: no m x n temporary, no copy.
+    result = low_rank(group, state, matrix, norm, generator, sync_free=False, out=matrix)
     if result.basis is not None:
         state["basis"] = result.basis
     state["energy"] = as_tensor(result.energy, grad.device)
     state["certificate"] = float(result.certificate)
-    grad.copy_(result.approx.reshape(grad.shape))
+    if result.approx is not matrix:
+        grad.copy_(result.approx.reshape(grad.shape))
     return result.escalation
 
 

@@ -88,12 +88,11 @@ def sync_free_iterate_and_extract(
     eigvecs = sorted_eigenvectors_sync_free(gram)
     top = eigvecs[:, :rank]
     ritz = (top.T @ gram @ top).diagonal().clamp_min(0)
-    approx = (left @ top) @ (top.T @ projected)
     captured = ritz.sum()
     certificate = certificate_bound(captured, gram.diagonal().sum(), total)
     next_basis = cholesky_orthonormal(projected.T @ eigvecs)
     return Extracted(
-        approx,
+        (left @ top, top.T @ projected),
         ritz,
         next_basis,
         scale=scale,

@@ -141,11 +141,14 @@ def randomized_low_rank(
     generator: torch.Generator | None = None,
     frobenius_norm: Tensor | float | None = None,
     certify: float | None = CERTIFIED_FRACTION,
+    out: Tensor | None = None,
 ) -> LowRankResult:
     """Randomized SVD (Halko et al. 2011, Alg. 4.4) with Rayleigh–Ritz, certified.
 
     ``frobenius_norm`` is ‖G‖ if the caller has it (computed otherwise);
-    ``certify`` the fraction below which the call escalates (``None``: never).
+    ``certify`` the fraction below which the call escalates (``None``: never);
+    ``out`` a tensor to write the approximation into when its shape, dtype
+    and layout allow (it may be ``matrix`` itself, which is read no more by then).
     """
     oversample = default_oversample(rank) if oversample is None else oversample
     _check_matrix(matrix, rank, oversample, power_iters)
@@ -157,7 +160,7 @@ def randomized_low_rank(
     basis = householder_orthonormal(gaussian((work.shape[1], width), work, generator))
     extracted = iterate_and_extract(work, scale, total, basis, rank, power_iters)
     extracted = escalate(work, scale, total, extracted, rank, width, generator, certify)
-    return extracted.result(matrix.dtype, with_basis=False)
+    return extracted.result(matrix.dtype, with_basis=False, out=out)
 
 
 def subspace_low_rank(
@@ -171,6 +174,7 @@ def subspace_low_rank(
     frobenius_norm: Tensor | float | None = None,
     certify: float | None = CERTIFIED_FRACTION,
     sync_free: bool = False,
+    out: Tensor | None = None,
 ) -> LowRankResult:
     """Warm-started subspace iteration with Rayleigh–Ritz extraction, certified.
 
@@ -180,7 +184,8 @@ def subspace_low_rank(
     (e.g. after the rank changed) counts as none. ``certify`` is the fraction
     below which the call escalates (``None``: never). With ``sync_free`` the
     call never escalates (that would need a host read); it mixes fresh columns
-    in instead and leaves the certificate for the caller to read.
+    in instead and leaves the certificate for the caller to read. ``out``: as
+    for :func:`randomized_low_rank`.
     """
     oversample = default_oversample(rank) if oversample is None else oversample
     _check_matrix(matrix, rank, oversample, power_iters)
@@ -212,7 +217,7 @@ def subspace_low_rank(
         start = basis.to(device=work.device, dtype=work.dtype)
         extracted = iterate_and_extract(work, scale, total, start, rank, power_iters, warm=True)
     extracted = escalate(work, scale, total, extracted, rank, width, generator, certify)
-    return extracted.result(matrix.dtype, with_basis=True)
+    return extracted.result(matrix.dtype, with_basis=True, out=out)
 
 
 def captured_energy(singular_values: Tensor, frobenius_norm: Tensor) -> Tensor:
@@ -263,7 +268,8 @@ def _without_sketch(
     work, scale, total = scaled(matrix, None, on_host=False)
     work = work * scale
     if not sync_free:
-        approx, squared, _ = gram_low_rank(work, rank, None)
+        (left, right), squared, _ = gram_low_rank(work, rank, None)
+        approx = left @ right
     else:
         wide = work.shape[0] > work.shape[1]
         gram = work.T @ work if wide else work @ work.T
