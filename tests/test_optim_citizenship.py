@@ -192,6 +192,26 @@ def test_a_sparse_gradient_reaches_sgd_untouched_next_to_a_projected_one() -> No
     assert optimizer.state.get(embedding.weight, {}) == {}
 
 
+def test_lbfgs_takes_a_sparse_gradient_it_densifies() -> None:
+    torch.manual_seed(0)
+    embedding = nn.Embedding(20, 6, sparse=True)
+    linear = nn.Linear(6, 5)
+    base = torch.optim.LBFGS([*linear.parameters(), *embedding.parameters()], max_iter=3)
+    optimizer = SVDGradient(base, rank=2)
+    tokens = torch.randint(0, 20, (10,))
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = linear(embedding(tokens)).square().mean()
+        loss.backward()
+        return loss
+
+    before = embedding.weight.detach().clone()
+    optimizer.step(closure)
+    assert rank_of(linear.weight.grad) == 2
+    assert not torch.equal(embedding.weight.detach(), before)
+
+
 def test_sparse_adam_takes_a_sparse_gradient_and_refuses_a_dense_one_up_front() -> None:
     embedding = nn.Embedding(10, 4, sparse=True)
     linear = nn.Linear(4, 6)

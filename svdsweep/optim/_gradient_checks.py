@@ -14,13 +14,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-#: The torch optimizers that step on sparse gradients (their documentation).
-#: Every other torch optimizer raises on one, and only after it has created
-#: state for the parameters that come before it.
+#: The torch optimizers that step on sparse gradients (SGD, Adagrad and
+#: SparseAdam by their documentation; LBFGS densifies them). Every other torch
+#: optimizer raises on one, and only after it has created state for the
+#: parameters that come before it.
 SPARSE_CAPABLE: tuple[type[Optimizer], ...] = (
     torch.optim.SGD,
     torch.optim.Adagrad,
     torch.optim.SparseAdam,
+    torch.optim.LBFGS,
 )
 
 
