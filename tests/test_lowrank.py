@@ -380,3 +380,18 @@ def test_negative_knobs_are_rejected(oversample: int, power_iters: int) -> None:
 def test_non_matrices_are_rejected(shape: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match="2D"):
         lowrank.exact_low_rank(torch.randn(shape), 1)
+
+
+@pytest.mark.parametrize("method", ["randomized", "subspace"])
+def test_out_receives_the_same_bits_even_when_it_is_the_input(method: str) -> None:
+    matrix = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
+    low_rank = getattr(lowrank, f"{method}_low_rank")
+    extra = {"basis": None} if method == "subspace" else {}
+    expected = low_rank(matrix, 4, **extra, generator=torch.Generator().manual_seed(1))
+    into = matrix.clone()
+    written = low_rank(into, 4, **extra, generator=torch.Generator().manual_seed(1), out=into)
+    assert written.approx is into
+    assert torch.equal(into, expected.approx)
+    half = matrix.half()  # computed in float32: the product cannot go straight into it
+    fallback = low_rank(half, 4, **extra, generator=torch.Generator().manual_seed(1), out=half)
+    assert fallback.approx is not half and fallback.approx.dtype == torch.float16

@@ -172,6 +172,99 @@ def test_sparse_gradients_pass_through_untouched(base_class: type) -> None:
     assert not torch.equal(embedding.weight.detach(), weight_before)
 
 
+def test_a_sparse_gradient_reaches_sgd_untouched_next_to_a_projected_one() -> None:
+    torch.manual_seed(0)
+    embedding = nn.Embedding(50, 8, sparse=True)
+    linear = nn.Linear(8, 6)
+    optimizer = SVDGradient(
+        torch.optim.SGD([*linear.parameters(), *embedding.parameters()], lr=0.1), rank=2
+    )
+    linear(embedding(torch.randint(0, 50, (20,)))).square().sum().backward()
+    reference = nn.Parameter(embedding.weight.detach().clone())
+    reference.grad = embedding.weight.grad.clone()
+
+    optimizer.step()
+    torch.optim.SGD([reference], lr=0.1).step()  # the same sparse gradient, no wrapper
+
+    assert rank_of(linear.weight.grad) == 2
+    assert embedding.weight.grad.is_sparse
+    assert_identical([embedding.weight.detach()], [reference.detach()])
+    assert optimizer.state.get(embedding.weight, {}) == {}
+
+
+def test_lbfgs_takes_a_sparse_gradient_it_densifies() -> None:
+    torch.manual_seed(0)
+    embedding = nn.Embedding(20, 6, sparse=True)
+    linear = nn.Linear(6, 5)
+    base = torch.optim.LBFGS([*linear.parameters(), *embedding.parameters()], max_iter=3)
+    optimizer = SVDGradient(base, rank=2)
+    tokens = torch.randint(0, 20, (10,))
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = linear(embedding(tokens)).square().mean()
+        loss.backward()
+        return loss
+
+    before = embedding.weight.detach().clone()
+    optimizer.step(closure)
+    assert rank_of(linear.weight.grad) == 2
+    assert not torch.equal(embedding.weight.detach(), before)
+
+
+def test_sparse_adam_takes_a_sparse_gradient_and_refuses_a_dense_one_up_front() -> None:
+    embedding = nn.Embedding(10, 4, sparse=True)
+    linear = nn.Linear(4, 6)
+    optimizer = SVDGradient(
+        torch.optim.SparseAdam([*linear.parameters(), *embedding.parameters()]), rank=2
+    )
+    linear(embedding(torch.tensor([1, 2]))).sum().backward()
+    grad_before = linear.weight.grad.clone()
+    with pytest.raises(RuntimeError, match="SparseAdam does not support dense gradients"):
+        optimizer.step()
+    torch.testing.assert_close(linear.weight.grad, grad_before, rtol=0, atol=0)
+
+    only_sparse = SVDGradient(torch.optim.SparseAdam(embedding.parameters()), rank=2)
+    before = embedding.weight.detach().clone()
+    only_sparse.step()
+    assert not torch.equal(embedding.weight.detach(), before)
+
+
+@pytest.mark.parametrize("sync_every", [1, 4])
+def test_adam_refuses_a_sparse_gradient_before_anything_is_modified(sync_every: int) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(8, 6)  # before the embedding: Adam would create its state first
+    embedding = nn.Embedding(50, 8, sparse=True)
+    base = torch.optim.Adam([*linear.parameters(), *embedding.parameters()], lr=0.1)
+    optimizer = SVDGradient(base, rank=2, sync_every=sync_every)
+    linear(torch.randn(4, 8)).square().sum().backward()
+    optimizer.step()  # one dense-only step: state to keep
+    optimizer.zero_grad()
+    linear(embedding(torch.randint(0, 50, (20,)))).square().sum().backward()
+    models = [*linear.parameters(), *embedding.parameters()]
+    params_before = [param.detach().clone() for param in models]
+    grads_before = [param.grad.clone() for param in models]
+    base_state_before = copy.deepcopy(base.state_dict())
+    own_state_before = {param: copy.deepcopy(entry) for param, entry in optimizer.state.items()}
+
+    with pytest.raises(RuntimeError, match=r"Adam does not support sparse gradients \(param 2"):
+        optimizer.step()
+
+    assert_identical([param.detach() for param in models], params_before)
+    for param, before in zip(models, grads_before, strict=True):
+        assert param.grad.is_sparse == before.is_sparse
+        torch.testing.assert_close(param.grad.to_dense(), before.to_dense(), rtol=0, atol=0)
+    base_state = base.state_dict()
+    assert base_state["state"].keys() == base_state_before["state"].keys()
+    for index, entry in base_state["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value, base_state_before["state"][index][key])
+    assert optimizer.state.keys() == own_state_before.keys()
+    for param, entry in own_state_before.items():
+        for key, value in entry.items():
+            assert torch.equal(torch.as_tensor(optimizer.state[param][key]), torch.as_tensor(value))
+
+
 def test_a_sparse_nan_is_caught_before_anything_changes() -> None:
     embedding = nn.Embedding(10, 4, sparse=True)
     linear = nn.Linear(4, 6)
