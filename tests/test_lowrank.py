@@ -395,3 +395,27 @@ def test_out_receives_the_same_bits_even_when_it_is_the_input(method: str) -> No
     half = matrix.half()  # computed in float32: the product cannot go straight into it
     fallback = low_rank(half, 4, **extra, generator=torch.Generator().manual_seed(1), out=half)
     assert fallback.approx is not half and fallback.approx.dtype == torch.float16
+
+
+@pytest.mark.parametrize("failures", [1, 2], ids=["float64 retry", "svd fallback"])
+@pytest.mark.parametrize("shape", [(256, 784), (128, 256)], ids=["sketched", "gram"])
+def test_an_eigh_that_fails_to_converge_falls_back_to_the_same_projection(
+    monkeypatch: pytest.MonkeyPatch, failures: int, shape: tuple[int, int]
+) -> None:
+    """LAPACK's syevd failed in a sweep (error 55814, k=106): the step must still be G_k."""
+    generator = torch.Generator().manual_seed(3)
+    matrix = torch.randn(*shape, generator=generator)
+    expected = lowrank.exact_low_rank(matrix, 106).approx
+    real_eigh = torch.linalg.eigh
+    calls = {"failed": 0}
+
+    def flaky_eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if calls["failed"] < failures:
+            calls["failed"] += 1
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real_eigh(gram)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky_eigh)
+    result = lowrank.subspace_low_rank(matrix, 106, None)
+    assert calls["failed"] == failures
+    assert torch.allclose(result.approx, expected, atol=1e-4)

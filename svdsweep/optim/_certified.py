@@ -30,7 +30,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from svdsweep.optim._numerics import Extracted, certificate_bound, energy_fraction, gaussian
+from svdsweep.optim._numerics import (
+    Extracted,
+    certificate_bound,
+    energy_fraction,
+    gaussian,
+    symmetric_eigh,
+)
 
 #: Power iterations of the widened basis at escalation level 1.
 WIDEN_POWER_ITERS = 1
@@ -81,7 +87,7 @@ def iterate_and_extract(
             right_basis = householder_orthonormal(work.T @ left)
     left = householder_orthonormal(work @ right_basis)  # m x w, spans the dominant column space
     projected = (left.T @ work) * scale  # w x n: the (scaled) matrix seen through the basis
-    eigvals, eigvecs = torch.linalg.eigh(projected @ projected.T)  # ascending
+    eigvals, eigvecs = symmetric_eigh(projected @ projected.T)  # ascending
     width = eigvecs.shape[1]
     top = eigvecs[:, width - rank :]
     # One host read of w numbers; the certificate and the energy are then float arithmetic.
@@ -158,13 +164,13 @@ def gram_low_rank(
     """
     keep = rank if width is None else width
     if work.shape[0] <= work.shape[1]:
-        eigvals, eigvecs = torch.linalg.eigh(work @ work.T)
+        eigvals, eigvecs = symmetric_eigh(work @ work.T)
         eigvecs = eigvecs.flip(1)
         top = eigvecs[:, :rank]
         factors = (top, top.T @ work)
         right = torch.nn.functional.normalize(work.T @ eigvecs[:, :keep], dim=0)
     else:
-        eigvals, eigvecs = torch.linalg.eigh(work.T @ work)
+        eigvals, eigvecs = symmetric_eigh(work.T @ work)
         eigvecs = eigvecs.flip(1)
         top = eigvecs[:, :rank]
         factors = (work @ top, top.T)

@@ -196,3 +196,27 @@ def as_float(matrix: Tensor) -> Tensor:
     if matrix.dtype in (torch.float32, torch.float64):
         return matrix
     return matrix.float()
+
+
+def symmetric_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh`` of a symmetric positive semi-definite Gram matrix, that always returns.
+
+    LAPACK's divide-and-conquer ``syevd`` can fail to converge ("ill-conditioned
+    or too many repeated eigenvalues") on the Gram matrix of a nearly
+    rank-deficient gradient: a sweep hit it at k=106 with lr 9e-3, and three such
+    steps in a row stopped the worker. The step then retries in float64 and, if
+    that fails too, takes the SVD, which for a PSD matrix is the same
+    decomposition (``U S Uᵀ``) from another LAPACK routine. Eigenvalues are
+    ascending, as ``eigh``'s. Nothing changes on the common path.
+    """
+    try:
+        return torch.linalg.eigh(gram)
+    except torch.linalg.LinAlgError:
+        pass
+    wide = gram.double()
+    try:
+        values, vectors = torch.linalg.eigh(wide)
+    except torch.linalg.LinAlgError:
+        vectors, values, _ = torch.linalg.svd(wide)
+        values, vectors = values.flip(0), vectors.flip(1)
+    return values.to(gram.dtype), vectors.to(gram.dtype)
