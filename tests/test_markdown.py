@@ -3,7 +3,8 @@
 Uses the results of a real run of the quick preset at small sizes (3 tuning
 replicates, a rank profile; tests/data/results-quick.json, written by
 ``svdsweep run --trials 4 --trial-epochs 3 --seeds 3 --train-subset 1000
---profile-trials 2``), and copies of it changed the way a different run would differ.
+--profile-trials 2``, its profile's noise, sentence and verdict then recomputed by the
+current reporter), and copies of it changed the way a different run would differ.
 """
 
 from __future__ import annotations

@@ -19,7 +19,13 @@ import torch
 import svdsweep.report.finals
 import svdsweep.worker
 from svdsweep.errors import ConfigError
-from svdsweep.report.results import BestTrialRecord, FinalRun, StudyRecord, judge_replicate
+from svdsweep.report.results import (
+    BestTrialRecord,
+    FinalRun,
+    StudyRecord,
+    judge_replicate,
+    seed_noise,
+)
 from svdsweep.report.stats import conclude_across, profile_sentence
 from svdsweep.score import NO_TRUNCATION, OBJECTIVE_NAME, EarlyStopped, early_stopped, kept_energy
 from svdsweep.space import SearchSpace, StudySettings, distributions
@@ -205,14 +211,27 @@ def test_the_verdict_counts_only_what_every_replicate_agrees_on() -> None:
     assert outcome == "inconclusive" and "1 truncate nothing" in verdict
 
 
-def test_the_profile_sentence_says_which_ranks_beat_tuned_adam() -> None:
-    ranks = [(1, 0.60), (4, 0.40), (16, 0.33), (64, 0.31), (256, 0.30)]
-    sentence = profile_sentence(0.305, ranks, 256)
-    assert sentence.startswith("no rank below full rank beats tuned Adam's validation score")
-    assert "k=64, is worse by 0.0050 nats" in sentence
-    assert "every k <= 16 is worse by >= 0.0250 nats" in sentence
-    better = profile_sentence(0.35, ranks, 256)
-    assert better.startswith("2 of 4 truncating ranks beat tuned Adam") and "k=64" in better
+def test_the_profile_sentence_says_which_truncating_ranks_beat_tuned_adam() -> None:
+    ranks = [(1, 0.60, 0.55), (4, 0.40, 0.90), (16, 0.31, 0.99), (64, 0.29, 0.9999)]
+    sentence = profile_sentence(0.305, ranks, 0.004, NO_TRUNCATION)
+    # k=64 keeps 99.99 %: not a truncation, whatever its score.
+    assert sentence.startswith("among the ranks that truncate (k = 1, 4, 16:")
+    assert "none beats tuned Adam's validation score (0.3050 nats)" in sentence
+    assert "2σ = 0.0080 nats" in sentence and "k=16 within it" in sentence
+    assert "every k <= 4 is worse by >= 0.0950 nats" in sentence
+    better = profile_sentence(0.35, ranks, 0.004, NO_TRUNCATION)
+    assert "1 beats tuned Adam's validation score (0.3500 nats)" in better
+    assert "the best k=16 by 0.0400 nats" in better
+    untruncated = profile_sentence(0.3, [(64, 0.29, 0.9999)], 0.004, NO_TRUNCATION)
+    assert "does not reach truncation" in untruncated
+
+
+def test_the_seed_noise_is_pooled_over_the_winners_final_runs() -> None:
+    runs = [_run("adam", 1000 + i, 0.4, None) for i in range(3)]
+    for run, value in zip(runs, (0.30, 0.32, 0.34), strict=True):
+        run.best_val_loss = value
+    assert seed_noise(runs) == pytest.approx(0.02)
+    assert seed_noise(runs[:1]) is None
 
 
 def test_the_k_range_reaches_full_rank_log_scaled() -> None:

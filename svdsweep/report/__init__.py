@@ -41,6 +41,7 @@ from svdsweep.report.artifacts import (
 from svdsweep.report.finals import FINAL_SEED_BASE, best_trials, final_configs, run_final_trainings
 from svdsweep.report.markdown import FIGURE, REPORT, dashboard_note, render_markdown
 from svdsweep.report.profile import read_profile
+from svdsweep.report.profile import sentence as profile_sentence
 from svdsweep.report.results import (
     PRIMARY_METRIC,
     SECONDARY_METRIC,
@@ -49,6 +50,7 @@ from svdsweep.report.results import (
     Results,
     assemble,
     judge_replicate,
+    seed_noise,
 )
 from svdsweep.report.staging import RESULTS, ReportError, Staging, child_processes
 from svdsweep.report.stats import format_params
@@ -173,6 +175,9 @@ def build_report(spec: ReportSpec, *, progress: bool = True) -> ReportOutcome:
             )
             for replicate, pair in best.items()
         ]
+        if profile is not None:  # read now against the finals' seed-to-seed noise
+            profile.noise = seed_noise(runs)
+            profile.sentence = profile_sentence(profile.adam, profile.ranks, profile.noise)
         settings = best[min(best)]["adam"].settings
         assembled = assemble(
             experiment=spec.experiment,

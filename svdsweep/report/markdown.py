@@ -22,6 +22,13 @@ __all__ = ["FIGURE", "LABELS", "REPORT", "dashboard_note", "render_markdown"]
 
 FIGURE, REPORT = "comparison.png", "report.md"
 LABELS = {"adam": "Adam", "svd-adam": "SVD(Adam)"}
+#: Each outcome, as a sentence's object.
+OUTCOMES = {
+    "supported": "SVD(Adam) trains better (every replicate agrees)",
+    "not supported": "tuned Adam trains better (every replicate agrees)",
+    "inconclusive": "no difference that holds across tuning replicates",
+    "untested": "the comparison does not test denoising (the tuned k truncates nothing)",
+}
 
 
 def render_markdown(results: Results, *, storage_flag: str | None) -> str:
@@ -243,7 +250,13 @@ def _profile(results: Results) -> str:
             f"finished trials, {profile.training_s / 60:.1f} minutes of trial time in all. "
             "A point is its study's best early-stopped validation loss (best of the same number "
             "of trials for every point, so no point is favoured); the energy is what k keeps in "
-            "the least-kept layer during that trial.",
+            "the least-kept layer during that trial. Each point is one training run: "
+            + (
+                f"the seed-to-seed standard deviation of that score is {number(profile.noise)} "
+                "nats (pooled over the final trainings), so differences within twice it are ties."
+                if profile.noise is not None
+                else "no seed-to-seed noise was measured, so small differences may be noise."
+            ),
             "",
             "| k | best early-stopped validation loss (nats) | tuned lr | energy kept |",
             "| --- | --- | --- | --- |",
@@ -271,8 +284,9 @@ def _original(results: Results) -> str:
         "after 5 epochs), picked Adam `lr=0.0029` and SVD(Adam) `lr=0.0096, k=9`, and "
         "concluded that Adam trains better on validation loss. This run tuned "
         f"{results.protocol.replicates} time(s) on the early-stopped score ({winners}) and "
-        f"concludes: {results.outcome}. The protocols differ (horizon, score, replicates), "
-        "so a difference in conclusion comes from the protocol before the optimizers."
+        f"concludes: {OUTCOMES[results.outcome]}. The protocols differ (horizon, score, "
+        "replicates), so a difference in conclusion comes from the protocol before the "
+        "optimizers."
     )
 
 

@@ -18,11 +18,11 @@ from svdsweep.models import full_rank
 from svdsweep.report.finals import best_trial
 from svdsweep.report.results import Profile, ProfilePoint
 from svdsweep.report.stats import profile_sentence
-from svdsweep.score import kept_energy
+from svdsweep.score import NO_TRUNCATION, kept_energy
 from svdsweep.storage import load_study
 from svdsweep.studies import ExperimentError, load_settings, study_names
 
-__all__ = ["read_profile"]
+__all__ = ["read_profile", "sentence"]
 
 
 def read_profile(storage: Any, experiment: str) -> Profile | None:
@@ -73,8 +73,14 @@ def read_profile(storage: Any, experiment: str) -> Profile | None:
         budget=budget,
         trials=trials,
         training_s=round(training_s, 1),
-        sentence=profile_sentence(adam.value, [(p.rank or 0, p.value) for p in points], top),
+        sentence=sentence(adam, points, None),
     )
+
+
+def sentence(adam: ProfilePoint, points: list[ProfilePoint], noise: float | None) -> str:
+    """The profile's one-sentence reading, given the seed-to-seed noise of one run's score."""
+    ranks = [(p.rank or 0, p.value, p.kept_energy) for p in points]
+    return profile_sentence(adam.value, ranks, noise, NO_TRUNCATION)
 
 
 def _kept(curves: dict[str, Any] | None) -> float | None:

@@ -286,6 +286,9 @@ class Profile:
     trials: int  # finished trials, all profile studies
     training_s: float  # trial seconds spent, all profile studies
     sentence: str  # what the figure shows, in one sentence
+    #: seed-to-seed std of the early-stopped validation loss (the finals' winners, pooled):
+    #: differences between points within twice it are ties
+    noise: float | None = None
 
 
 @dataclass
@@ -418,6 +421,23 @@ def judge_replicate(
         truncates=why_not is None,
         why_not=why_not,
     )
+
+
+def seed_noise(runs: list[FinalRun]) -> float | None:
+    """Pooled seed-to-seed standard deviation of the early-stopped validation loss.
+
+    Pooled over every (replicate, optimizer) group of final runs, whose runs
+    differ only in their seed: the noise one training run's score carries.
+    """
+    groups: dict[tuple[int, str], list[float]] = {}
+    for run in runs:
+        if run.diverged is None and run.best_val_loss is not None:
+            groups.setdefault((run.replicate, run.optimizer), []).append(run.best_val_loss)
+    usable = [values for values in groups.values() if len(values) > 1]
+    if not usable:
+        return None
+    squares = sum(statistics.variance(values) * (len(values) - 1) for values in usable)
+    return math.sqrt(squares / sum(len(values) - 1 for values in usable))
 
 
 def assemble(

@@ -200,40 +200,66 @@ def conclude_across(
 
 
 def profile_sentence(
-    adam: float | None, ranks: Sequence[tuple[int, float | None]], full_rank: int
+    adam: float | None,
+    ranks: Sequence[tuple[int, float | None, float | None]],
+    noise: float | None,
+    no_truncation: float,
 ) -> str:
-    """One sentence read off the rank profile: which ranks beat tuned Adam, and by how much.
+    """One sentence read off the rank profile: which truncating ranks beat tuned Adam, by how much.
 
-    ``adam``: the profile's tuned-Adam score; ``ranks``: (k, best score) per
-    rank, scores being early-stopped validation losses (lower is better).
+    ``adam``: the profile's tuned-Adam score; ``ranks``: (k, best score, energy
+    kept in the least-kept layer) per rank; scores are early-stopped validation
+    losses (lower is better). A rank *truncates* when it keeps less than
+    ``no_truncation`` of the energy in some layer; above that it is Adam by
+    another name, whatever its score. ``noise``: the seed-to-seed standard
+    deviation of that score (from the finals); a difference within twice it
+    is called a tie, not a win, since each point is one best-of-N draw.
     """
-    scored = [(k, v) for k, v in ranks if v is not None and math.isfinite(v)]
+    scored = [(k, v, e) for k, v, e in ranks if v is not None and math.isfinite(v)]
     if adam is None or not scored:
         return "no rank has a finite score to compare with tuned Adam."
-    truncating = [(k, v) for k, v in scored if k < full_rank]
-    better = [(k, v) for k, v in truncating if v < adam]
+    truncating = [(k, v) for k, v, e in scored if e is None or e < no_truncation]
+    if not truncating:
+        return (
+            f"every profiled rank keeps at least {100 * no_truncation:g}% of the gradient energy, "
+            "so the profile does not reach truncation."
+        )
+    margin = 2 * noise if noise is not None else 0.0
+    margin_text = (
+        f"twice the seed-to-seed noise (2σ = {number(margin)} nats)"
+        if noise is not None
+        else "zero (no seed-to-seed noise was measured)"
+    )
+    better = [(k, v) for k, v in truncating if adam - v > margin]
+    tied = [(k, v) for k, v in truncating if abs(v - adam) <= margin]
+    worse = [(k, v) for k, v in truncating if v - adam > margin]
+    ks = ", ".join(str(k) for k, _ in truncating)
+    text = (
+        f"among the ranks that truncate (k = {ks}: less than {100 * no_truncation:g}% of the "
+        f"energy kept in some layer), "
+    )
     if better:
         k, v = min(better, key=lambda item: item[1])
-        return (
-            f"{len(better)} of {len(truncating)} truncating ranks beat tuned Adam's "
-            f"validation score ({number(adam)} nats): "
-            + ", ".join(f"k={k}" for k, _ in better)
-            + f"; the best, k={k}, by {number(adam - v)} nats."
-        )
-    if not truncating:
-        return f"only full rank ({full_rank}) was profiled."
-    k, v = min(truncating, key=lambda item: item[1])
-    worse = sorted(truncating)
-    low = [v for kk, v in worse if kk <= max(1, full_rank // 8)]
-    text = (
-        f"no rank below full rank beats tuned Adam's validation score ({number(adam)} nats); "
-        f"the closest truncating rank, k={k}, is worse by {number(v - adam)} nats"
-    )
-    if low:
         text += (
-            f", and every k <= {max(kk for kk, _ in worse if kk <= max(1, full_rank // 8))} "
-            f"is worse by >= {number(min(low) - adam)} nats"
+            f"{len(better)} beat{'s' if len(better) == 1 else ''} tuned Adam's validation score "
+            f"({number(adam)} nats) by more than {margin_text}: "
+            + ", ".join(f"k={kk}" for kk, _ in better)
+            + f", the best k={k} by {number(adam - v)} nats"
         )
+    else:
+        text += (
+            f"none beats tuned Adam's validation score ({number(adam)} nats) by more than "
+            f"{margin_text}"
+        )
+    if tied:
+        text += "; " + ", ".join(f"k={k}" for k, _ in tied) + " within it"
+    if worse:
+        top = max(k for k, _ in worse)
+        below = [v for k, v in truncating if k <= top]
+        if all(v - adam > margin for v in below):
+            text += f"; every k <= {top} is worse by >= {number(min(below) - adam)} nats"
+        else:
+            text += "; " + ", ".join(f"k={k}" for k, _ in worse) + " worse"
     return text + "."
 
 
