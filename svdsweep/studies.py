@@ -196,11 +196,15 @@ def check_resumable(
     return finished
 
 
-def load_settings(storage: Any, experiment: str, optimizer: str) -> StudySettings:
+def load_settings(
+    storage: Any, experiment: str, optimizer: str, *, objective_checked: bool = True
+) -> StudySettings:
     """The stored settings of one study; :class:`ExperimentError` if it is missing.
 
     ``optimizer`` names replicate 1's study of that optimizer; a full study
     name (from :func:`study_names`) names any study of the experiment.
+    ``objective_checked=False`` skips :func:`check_objective` (two more queries),
+    for the status display, which polls and uses no trial's value.
     """
     name = (
         optimizer if optimizer.startswith(f"{experiment}-") else study_name(experiment, optimizer)
@@ -215,7 +219,8 @@ def load_settings(storage: Any, experiment: str, optimizer: str) -> StudySetting
     stored = study.user_attrs.get(SETTINGS_ATTR)
     if stored is None:
         raise ExperimentError(f"study {name!r} was not created by svdsweep (no settings stored)")
-    check_objective(study)
+    if objective_checked:
+        check_objective(study)
     return StudySettings.from_json(stored)
 
 
@@ -301,7 +306,7 @@ def experiment_status(
 
 
 def _study_status(storage: Any, experiment: str, name: str) -> StudyStatus:
-    settings = load_settings(storage, experiment, name)
+    settings = load_settings(storage, experiment, name, objective_checked=False)
     study = load_study(storage, name)
     (counts,) = retrying(lambda: trial_counts([study]))
     best = None

@@ -317,16 +317,17 @@ def pruner_for(settings: StudySettings) -> optuna.pruners.BasePruner:
     """The study's pruner, on the per-epoch early-stopped score.
 
     Successive halving (Optuna's asynchronous variant) checks a trial at rungs
-    of ``r, 3r, 9r, ...`` epochs, ``r = max(1, epochs // 6)`` (3, 9 for 20
-    epochs) and continues it only while it is in the best third of the trials
-    that reached that rung. A pruned trial counts toward the budget as
+    of ``r, 3r, 9r, ...`` epochs, ``r = max(1, epochs // 10)`` (2, 6 and 18 for
+    20 epochs) and continues it only while it is in the best third of the
+    trials that reached that rung: about 5 epochs per trial on average instead
+    of 20, the cost of the former 5-epoch trials. A pruned trial counts toward the budget as
     finished, so budgets stay exact; its score is never the study's best.
     """
     if settings.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
     if settings.pruner == "successive-halving":
         return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=max(1, settings.epochs // 6), reduction_factor=3
+            min_resource=max(1, settings.epochs // 10), reduction_factor=3
         )
     return optuna.pruners.NopPruner()
 
