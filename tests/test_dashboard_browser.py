@@ -32,7 +32,7 @@ OUTPUT = REPO / "test-output"
 def dashboard_on_small_sweep(tmp_path: Path) -> Iterator[tuple[str, str]]:
     """A finished two-study sweep (cheap objective) served by `svdsweep dashboard`."""
     url = f"sqlite:///{tmp_path}/dash.db"
-    spec = SweepSpec(storage=url, experiment="browser", trials=4, trial_epochs=3)
+    spec = SweepSpec(storage=url, experiment="browser", trials=4, trial_epochs=3, pruner="none")
     create_or_resume(url, "browser", spec.study_settings())
     run_worker(url, "browser", objective=cheap_objective)
     port = free_port()
