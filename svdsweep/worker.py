@@ -118,7 +118,7 @@ def run_worker(
     max_consecutive_failures: int = 3,
     max_trials: int | None = None,
 ) -> WorkerSummary:
-    """Runs trials of ``experiment`` until both studies have their budget.
+    """Runs trials of ``experiment`` until every one of its studies has its budget.
 
     ``seed`` and the number of the trial being claimed seed the sampler of each
     new trial (see :func:`trial_sampler`). ``max_trials`` stops after that many

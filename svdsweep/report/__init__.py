@@ -9,7 +9,7 @@ One flow, each step in its own module:
    versions, hardware and durations, written as ``results.json``. The figure
    is then drawn *from that file* (:func:`svdsweep.plot.redraw`), which proves
    it can be redrawn without retraining, and so is report.md (:mod:`.markdown`);
-3. :mod:`.artifacts`: the figure and the report attached to both studies in an
+3. :mod:`.artifacts`: the figures and the report attached to every tuning study in an
    Optuna artifact store, with a note on each, for optuna-dashboard. Rerunning
    replaces them.
 
@@ -68,7 +68,7 @@ __all__ = [
     "resolve_artifact_dir",
 ]
 
-#: Files attached to both studies as Optuna artifacts (replaced on every rerun).
+#: Files attached to every tuning study as Optuna artifacts (replaced on every rerun).
 ARTIFACT_FILES = (FIGURE, REPORT)
 
 

@@ -1,7 +1,7 @@
 """The results of a report, as typed dataclasses, and their JSON file (results.json).
 
 ``results.json`` holds enough to redraw the figure and re-judge the verdict
-without retraining: the protocol, both studies' best trials, every final run's
+without retraining: the protocol, every replicate's best trials, every final run's
 curves, the summary, the test, versions, hardware and durations. The figure
 (:mod:`svdsweep.plot`) and the Markdown report (:mod:`.markdown`) read a
 :class:`Results`, never string keys.
