@@ -1,4 +1,4 @@
-"""The artifact store: the figure and report.md attached to every tuning study, for optuna-dashboard.
+"""The artifact store: the figures and report.md attached to every tuning study (dashboard).
 
 Optuna's artifact store (``optuna.artifacts``) keeps the files; each study
 records its artifacts, and optuna-dashboard shows them with a note. A rerun
