@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from svdsweep.data import Splits
 from svdsweep.models import build_model
 from svdsweep.optim import METHODS, NonFiniteGradientError, SVDGradient
+from svdsweep.optim._gradient_checks import host_norms
 
 K = 9
 
@@ -478,6 +479,46 @@ def test_nonfinite_skip_skips_the_step_and_counts_it() -> None:
     fresh = make_optimizer(make_model(), nonfinite="skip")
     fresh.load_state_dict(optimizer.state_dict())
     assert fresh.skipped_steps == 1
+
+
+@pytest.mark.parametrize(
+    ("dtype", "magnitude"),
+    [
+        (torch.float32, 1.0),
+        (torch.float32, 1e-20),  # squares underflow float32 (subnormal): the sum loses digits
+        (torch.float32, 1e-23),  # squares are 0 in float32: a float32 norm says 0
+        (torch.float32, 1e20),  # squares overflow float32: a float32 norm says inf
+        (torch.float16, 1e3),  # finite fp16 entries whose norm is beyond fp16
+        (torch.bfloat16, 1e30),
+        (torch.float64, 1e-200),
+        (torch.float64, 1e200),
+    ],
+)
+def test_gradient_norms_are_right_at_every_magnitude(dtype: torch.dtype, magnitude: float) -> None:
+    """The fast float32 reduction must never pass off an underflowed or overflowed norm."""
+    grads = [
+        (
+            torch.randn(64, 96, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            * magnitude
+        ).to(dtype)
+        for seed in range(3)
+    ]
+    grads.append(torch.zeros(5, dtype=dtype))
+    values, bad = host_norms(grads)
+    assert bad == []
+    for grad, value in zip(grads, values, strict=True):
+        peak = float(grad.double().abs().max())  # scaled, so that 1e200 squares in float64
+        exact = peak * float(torch.linalg.vector_norm(grad.double() / peak)) if peak else 0.0
+        assert value == pytest.approx(exact, rel=1e-5, abs=0.0)
+
+
+def test_gradient_norms_flag_nan_and_inf_but_not_large_finite_ones() -> None:
+    finite_large = torch.full((8, 8), 1e20)
+    grads = [torch.ones(3), finite_large, torch.tensor([1.0, float("nan")])]
+    grads.append(torch.tensor([float("inf"), 0.0], dtype=torch.float16))
+    values, bad = host_norms(grads)
+    assert bad == [2, 3]
+    assert values[1] == pytest.approx(8e20, rel=1e-6)
 
 
 # -- energy diagnostics ----------------------------------------------------------------------

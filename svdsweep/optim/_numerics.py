@@ -69,7 +69,16 @@ class Extracted:
     so that :meth:`result` can form the product where the caller wants it.
     """
 
-    __slots__ = ("basis", "certificate", "energy", "escalation", "factors", "scale", "squared")
+    __slots__ = (
+        "basis",
+        "certificate",
+        "energy",
+        "escalation",
+        "factors",
+        "scale",
+        "squared",
+        "unscale_by",
+    )
 
     def __init__(
         self,
@@ -81,10 +90,14 @@ class Extracted:
         energy: Tensor | float,
         certificate: Tensor | float,
         escalation: int = 0,
+        unscale_by: Tensor | float | None = None,
     ) -> None:
         self.factors, self.squared, self.basis = factors, squared, basis
         self.scale, self.energy, self.certificate = scale, energy, certificate
         self.escalation = escalation
+        # What the product of the factors is still to be divided by: ``scale``,
+        # unless the extraction folded it into a thin factor already (then 1).
+        self.unscale_by = scale if unscale_by is None else unscale_by
 
     def result(
         self, dtype: torch.dtype, *, with_basis: bool, out: Tensor | None = None
@@ -98,15 +111,20 @@ class Extracted:
         result is bit-identical.
         """
         left, right = self.factors
+        divisor = self.unscale_by
         if (
             out is not None
             and out.dtype == left.dtype == dtype
             and out.is_contiguous()
             and out.shape == (left.shape[0], right.shape[1])
         ):
-            approx = torch.mm(left, right, out=out).div_(self.scale)
+            approx = torch.mm(left, right, out=out)
+            if isinstance(divisor, Tensor) or divisor != 1.0:
+                approx.div_(divisor)
+        elif isinstance(divisor, Tensor) or divisor != 1.0:
+            approx = ((left @ right) / divisor).to(dtype)
         else:
-            approx = ((left @ right) / self.scale).to(dtype)
+            approx = (left @ right).to(dtype)
         return LowRankResult(
             approx,
             self.squared,

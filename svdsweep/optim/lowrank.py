@@ -153,7 +153,7 @@ def randomized_low_rank(
     oversample = default_oversample(rank) if oversample is None else oversample
     _check_matrix(matrix, rank, oversample, power_iters)
     width = rank + oversample
-    shortcut = _without_sketch(matrix, rank, width)
+    shortcut = _without_sketch(matrix, rank, width, frobenius_norm=frobenius_norm)
     if shortcut is not None:
         return shortcut
     work, scale, total = scaled(matrix, frobenius_norm, on_host=True)
@@ -190,7 +190,9 @@ def subspace_low_rank(
     oversample = default_oversample(rank) if oversample is None else oversample
     _check_matrix(matrix, rank, oversample, power_iters)
     width = rank + oversample
-    shortcut = _without_sketch(matrix, rank, width, sync_free=sync_free)
+    shortcut = _without_sketch(
+        matrix, rank, width, sync_free=sync_free, frobenius_norm=frobenius_norm
+    )
     if shortcut is not None:
         return shortcut
     work, scale, total = scaled(matrix, frobenius_norm, on_host=not sync_free)
@@ -252,30 +254,41 @@ def _unchanged(matrix: Tensor) -> LowRankResult:
 
 
 def _without_sketch(
-    matrix: Tensor, rank: int, width: int, *, sync_free: bool = False
+    matrix: Tensor,
+    rank: int,
+    width: int,
+    *,
+    sync_free: bool = False,
+    frobenius_norm: Tensor | float | None = None,
 ) -> LowRankResult | None:
     """The fast methods' answer when a sketch of ``width`` columns would be pointless.
 
     Nothing to drop when ``rank >= min(m, n)``; the small Gram matrix when the
     sketch would span the whole space (eigendecomposed by ``eigh``, or by
     :func:`sorted_eigenvectors_sync_free` on the sync-free path). ``None``
-    when a sketch is worth it.
+    when a sketch is worth it. Off the sync-free path the scale and the energy
+    are host floats, as on the certified path: a 10 x 128 classifier head is
+    a dozen tiny kernels, whose launches, not their arithmetic, are its cost.
     """
     if rank >= min(matrix.shape):
         return _unchanged(matrix)
     if width < min(matrix.shape):
         return None
-    work, scale, total = scaled(matrix, None, on_host=False)
-    work = work * scale
     if not sync_free:
-        (left, right), squared, _ = gram_low_rank(work, rank, None)
-        approx = left @ right
-    else:
-        wide = work.shape[0] > work.shape[1]
-        gram = work.T @ work if wide else work @ work.T
-        top = sorted_eigenvectors_sync_free(gram)[:, :rank]
-        approx = (work @ top) @ top.T if wide else top @ (top.T @ work)
-        squared = (top * (gram @ top)).sum(0).clamp_min(0)
+        work, scale, total = scaled(matrix, frobenius_norm, on_host=True)
+        (left, right), squared, _ = gram_low_rank(work * scale, rank, None)
+        assert not isinstance(scale, Tensor)
+        energy = energy_fraction(float(squared.sum()), total)
+        return LowRankResult(
+            ((left @ right) / scale).to(matrix.dtype), squared, None, scale=scale, energy=energy
+        )
+    work, scale, total = scaled(matrix, frobenius_norm, on_host=False)
+    work = work * scale
+    wide = work.shape[0] > work.shape[1]
+    gram = work.T @ work if wide else work @ work.T
+    top = sorted_eigenvectors_sync_free(gram)[:, :rank]
+    approx = (work @ top) @ top.T if wide else top @ (top.T @ work)
+    squared = (top * (gram @ top)).sum(0).clamp_min(0)
     return LowRankResult(
         (approx / scale).to(matrix.dtype),
         squared,
