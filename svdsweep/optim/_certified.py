@@ -97,34 +97,38 @@ def iterate_and_extract(
     unscale = _inverse_power_of_two(scale)
     left_factor = left @ top
     if unscale is None:
-        right_factor, scale_left = top.T @ projected, scale
+        right_factor, divisor = top.T @ projected, scale
     else:  # 1/scale folded into the w x k factor: no pass over the m x n product
-        right_factor, scale_left = (top * unscale).T @ projected, 1.0
+        right_factor, divisor = (top * unscale).T @ projected, 1.0
     return Extracted(
         (left_factor, right_factor),
         eigvals[width - rank :],
-        next_right_basis(projected, eigvals, eigvecs),
+        next_right_basis(projected, values, eigvecs),
         scale=scale,
         energy=energy_fraction(captured, total),
         certificate=certificate_bound(captured, sum(values), total),
-        unscale_by=scale_left,
+        unscale_by=divisor,
     )
 
 
-def next_right_basis(projected: Tensor, eigvals: Tensor, eigvecs: Tensor) -> Tensor:
+def next_right_basis(projected: Tensor, values: list[float], eigvecs: Tensor) -> Tensor:
     """The right Ritz vectors ``Bᵀ zᵢ / √θᵢ`` (n x w), largest first: the next warm start.
 
-    Their norms are known (``‖Bᵀ zᵢ‖² = θᵢ``), so the columns are scaled
-    through the small w x w matrix instead of a normalisation pass over the
-    n x w result, and the product is formed as ``(Zᵀ B)ᵀ``, a transposed view:
-    on the CPU, ``Bᵀ Z`` with ``B`` transposed in memory is ~3x slower. Ritz
-    values at rounding level (θᵢ < 1e-12 θ₁) are floored: those columns are
-    then short rather than noise blown up to unit length, and the next step's
-    QR orthonormalises whatever they hold.
+    ``values`` are the Ritz values θᵢ (ascending, as ``eigh`` returns them, already
+    read on the host). Their norms are known (``‖Bᵀ zᵢ‖² = θᵢ``), so the columns
+    are scaled through the small w x w matrix instead of a normalisation pass
+    over the n x w result, and the product is formed as ``(Zᵀ B)ᵀ``, a
+    transposed view: on the CPU, ``Bᵀ Z`` with ``B`` transposed in memory is
+    ~3x slower. Ritz values at rounding level (θᵢ < 1e-12 θ₁) are floored:
+    those columns are then short rather than noise blown up to unit length,
+    and the next step's QR orthonormalises whatever they hold.
     """
-    floor = eigvals[-1].clamp_min(0) * 1e-12 + torch.finfo(eigvals.dtype).tiny
-    weights = eigvecs.flip(1) * eigvals.flip(0).clamp_min(floor).rsqrt()
-    return (weights.T @ projected).T
+    floor = max(values[-1], 0.0) * 1e-12 + torch.finfo(eigvecs.dtype).tiny
+    weights = [max(value, floor) ** -0.5 for value in reversed(values)]
+    scaled_vectors = eigvecs.flip(1) * torch.tensor(
+        weights, dtype=eigvecs.dtype, device=eigvecs.device
+    )
+    return (scaled_vectors.T @ projected).T
 
 
 def _inverse_power_of_two(scale: Tensor | float) -> float | None:
