@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from torch import Tensor
 from svdsweep.data import Splits
 from svdsweep.models import build_model
 from svdsweep.optim import lowrank
+from svdsweep.optim._numerics import symmetric_eigh
 
 K = 9  # the rank of the experiment
 
@@ -419,3 +421,45 @@ def test_an_eigh_that_fails_to_converge_falls_back_to_the_same_projection(
     result = lowrank.subspace_low_rank(matrix, 106, None)
     assert calls["failed"] == failures
     assert torch.allclose(result.approx, expected, atol=1e-4)
+
+
+def test_small_lapack_calls_run_on_one_thread_and_restore_the_callers_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """QR and eigh of thin bases are faster on one thread; the caller's setting must survive."""
+    seen: dict[str, list[int]] = {"qr": [], "eigh": []}
+    real = {"qr": torch.linalg.qr, "eigh": torch.linalg.eigh}
+    failed = []
+
+    def recording(name: str) -> Any:
+        def call(matrix: torch.Tensor) -> Any:
+            seen[name].append(torch.get_num_threads())
+            if name == "eigh" and not failed:
+                failed.append(True)
+                raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+            return real[name](matrix)
+
+        return call
+
+    monkeypatch.setattr(torch.linalg, "qr", recording("qr"))
+    monkeypatch.setattr(torch.linalg, "eigh", recording("eigh"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        matrix = torch.randn(256, 12, generator=generator) @ torch.randn(
+            12, 784, generator=generator
+        )
+        matrix += 0.01 * torch.randn(256, 784, generator=generator)
+        result = lowrank.subspace_low_rank(matrix, 9, None, certify=None)
+        assert torch.get_num_threads() == 2  # restored, also after the failed eigh
+        seen_small = {name: set(counts) for name, counts in seen.items()}
+        assert seen_small == {"qr": {1}, "eigh": {1}}
+        seen["eigh"].clear()
+        big = torch.randn(300, 300, generator=torch.Generator().manual_seed(1))
+        symmetric_eigh(big @ big.T)  # 90,000 entries: the caller's threads
+        assert seen["eigh"] == [2]
+    finally:
+        torch.set_num_threads(threads)
+    expected = lowrank.exact_low_rank(matrix, 9)
+    assert result.energy == pytest.approx(float(expected.energy), rel=1e-3)

@@ -35,6 +35,7 @@ from svdsweep.optim._numerics import (
     certificate_bound,
     energy_fraction,
     gaussian,
+    small_lapack_threads,
     symmetric_eigh,
 )
 
@@ -44,7 +45,8 @@ WIDEN_POWER_ITERS = 1
 
 def householder_orthonormal(columns: Tensor) -> Tensor:
     """Q of a Householder QR: orthonormal to rounding, whatever the conditioning."""
-    q: Tensor = torch.linalg.qr(columns).Q
+    with small_lapack_threads(columns):
+        q: Tensor = torch.linalg.qr(columns).Q
     return q
 
 
