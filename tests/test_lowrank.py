@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,7 +16,7 @@ from torch import Tensor
 from svdsweep.data import Splits
 from svdsweep.models import build_model
 from svdsweep.optim import lowrank
-from svdsweep.optim._numerics import symmetric_eigh
+from svdsweep.optim._numerics import small_lapack_threads, symmetric_eigh
 
 K = 9  # the rank of the experiment
 
@@ -463,3 +464,56 @@ def test_small_lapack_calls_run_on_one_thread_and_restore_the_callers_count(
         torch.set_num_threads(threads)
     expected = lowrank.exact_low_rank(matrix, 9)
     assert result.energy == pytest.approx(float(expected.energy), rel=1e-3)
+
+
+def test_one_thread_sections_from_several_python_threads_restore_the_count() -> None:
+    """torch's thread count is process-wide: overlapping sections must not strand it at 1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    small = torch.eye(4)
+    inside = threading.Event()
+    release = threading.Event()
+    seen: list[int] = []
+
+    def hold() -> None:
+        with small_lapack_threads(small):
+            inside.set()
+            release.wait(timeout=10)
+
+    try:
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert inside.wait(timeout=10)
+        with small_lapack_threads(small):  # enters while the other section is open
+            seen.append(torch.get_num_threads())
+        release.set()  # the other section closes last
+        holder.join(timeout=10)
+        assert seen == [1]
+        assert torch.get_num_threads() == 2
+    finally:
+        release.set()
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("magnitude", [1e-200, 1e200])
+@pytest.mark.parametrize("method", ["exact", "randomized", "subspace"])
+def test_float64_extremes_keep_the_right_energy_without_a_given_norm(
+    method: str, magnitude: float
+) -> None:
+    """Squares of 1e-200 underflow float64: a plain norm reads 0 and the energy would say 1."""
+    generator = torch.Generator().manual_seed(5)
+    decay = torch.tensor([0.8**i for i in range(48)], dtype=torch.float64)
+    left = torch.linalg.qr(torch.randn(48, 48, generator=generator, dtype=torch.float64)).Q
+    right = torch.linalg.qr(torch.randn(96, 48, generator=generator, dtype=torch.float64)).Q
+    matrix = (left * decay) @ right.T * magnitude
+    expected = float(decay[:4].square().sum() / decay.square().sum())
+    if method == "exact":
+        result = lowrank.exact_low_rank(matrix, 4)
+    elif method == "randomized":
+        result = lowrank.randomized_low_rank(matrix, 4, generator=generator)
+    else:
+        result = lowrank.subspace_low_rank(matrix, 4, None, generator=generator)
+    assert float(result.energy) == pytest.approx(expected, rel=1e-3)
+    assert torch.isfinite(result.approx).all()
+    kept = torch.linalg.matrix_norm(result.approx / magnitude) ** 2
+    assert float(kept) == pytest.approx(float(decay[:4].square().sum()), rel=1e-3)

@@ -14,6 +14,7 @@ The scale is :func:`scaled`'s power of two (see :mod:`svdsweep.optim.lowrank`).
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -183,7 +184,11 @@ def scaled(
     """
     work = as_float(matrix)
     if frobenius_norm is None:
-        frobenius_norm = torch.linalg.matrix_norm(work.double())
+        # Scaled by the largest magnitude: the squares of float64 entries of 1e-200
+        # (or 1e200) leave float64's range, and the norm would read 0 (or inf).
+        peak = work.abs().amax().double()
+        tiny = torch.finfo(torch.float64).tiny
+        frobenius_norm = peak * torch.linalg.matrix_norm(work.double() / peak.clamp_min(tiny))
     if on_host:
         norm = float(frobenius_norm)
         scale = math.ldexp(1.0, -math.frexp(norm)[1]) if math.isfinite(norm) else 1.0
@@ -252,17 +257,33 @@ def small_lapack_threads(matrix: Tensor) -> Iterator[None]:
     51 against 58 µs: at these sizes a second thread costs more to wake and
     join than it saves. Switching costs ~0.2 µs. Larger matrices (the exact
     escalation's 256 x 256 Gram matrix) and other devices keep the caller's
-    setting.
+    setting. torch's count is partly per thread (OpenMP's setting) and partly
+    process-wide (the last one set is what other threads then read), so each
+    Python thread saves the count it sees and restores it only if it changed
+    it, once for nested sections: overlapping sections in several threads end
+    with the count they began with (tested).
     """
-    threads = torch.get_num_threads()
-    if matrix.device.type != "cpu" or threads == 1 or matrix.numel() > SMALL_LAPACK_ENTRIES:
+    if matrix.device.type != "cpu" or matrix.numel() > SMALL_LAPACK_ENTRIES:
         yield
         return
-    torch.set_num_threads(1)
+    saved: list[int] = _ONE_THREAD.__dict__.setdefault("saved", [])
+    if not saved:
+        saved.append(torch.get_num_threads())
+        if saved[0] != 1:
+            torch.set_num_threads(1)
+    else:
+        saved.append(saved[0])
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        count = saved.pop()
+        if not saved and count != 1:
+            torch.set_num_threads(count)
+
+
+#: Per Python thread: one entry per open :func:`small_lapack_threads` section,
+#: each holding the count the outermost one found.
+_ONE_THREAD = threading.local()
 
 
 #: Matrices up to this many entries go to LAPACK on one thread (see
