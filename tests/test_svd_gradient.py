@@ -491,11 +491,12 @@ def test_nonfinite_skip_skips_the_step_and_counts_it() -> None:
         (torch.float16, 1e3),  # finite fp16 entries whose norm is beyond fp16
         (torch.bfloat16, 1e30),
         (torch.float64, 1e-200),
+        (torch.float64, 1e-302),  # the largest entry is below 1e-300
         (torch.float64, 1e200),
     ],
 )
 def test_gradient_norms_are_right_at_every_magnitude(dtype: torch.dtype, magnitude: float) -> None:
-    """The fast float32 reduction must never pass off an underflowed or overflowed norm."""
+    """No norm may be passed off underflowed (0) or overflowed (inf), nor lose digits."""
     grads = [
         (
             torch.randn(64, 96, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -519,6 +520,36 @@ def test_gradient_norms_flag_nan_and_inf_but_not_large_finite_ones() -> None:
     values, bad = host_norms(grads)
     assert bad == [2, 3]
     assert values[1] == pytest.approx(8e20, rel=1e-6)
+
+
+def test_empty_and_all_padding_sparse_gradients_step() -> None:
+    """A 0-element parameter and an Embedding(sparse=True) batch of padding only have norm 0."""
+    embedding = nn.Embedding(10, 4, sparse=True, padding_idx=0)
+    empty = nn.Parameter(torch.zeros(0, 3))
+    matrix = nn.Parameter(torch.randn(16, 12))
+    optimizer = SVDGradient(
+        torch.optim.SGD([*embedding.parameters(), empty, matrix], lr=0.1), rank=2
+    )
+    (embedding(torch.zeros(5, dtype=torch.long)).sum() + (matrix**2).sum()).backward()
+    empty.grad = torch.zeros(0, 3)
+    assert embedding.weight.grad is not None and embedding.weight.grad._nnz() == 0
+    before = matrix.detach().clone()
+    optimizer.step()
+    assert not torch.equal(matrix.detach(), before)
+    values, bad = host_norms([embedding.weight.grad, empty.grad])
+    assert values == [0.0, 0.0] and bad == []
+
+
+@pytest.mark.parametrize("magnitude", [1e-306, 1e-310])
+def test_float64_gradients_near_the_bottom_of_the_range_step(magnitude: float) -> None:
+    """Norms below float64's normal range once overflowed the power-of-two scale."""
+    layer = nn.Linear(32, 24, bias=False).double()
+    optimizer = SVDGradient(torch.optim.SGD(layer.parameters(), lr=1.0), rank=4)
+    layer.weight.grad = torch.randn(24, 32, dtype=torch.float64) * magnitude
+    optimizer.step()
+    assert torch.isfinite(layer.weight).all()
+    energy = optimizer.energy_fractions()["param 0 (shape 24x32)"]
+    assert 0.0 < energy <= 1.0
 
 
 # -- energy diagnostics ----------------------------------------------------------------------

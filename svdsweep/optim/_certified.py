@@ -35,7 +35,6 @@ from svdsweep.optim._numerics import (
     certificate_bound,
     energy_fraction,
     gaussian,
-    small_lapack_threads,
     symmetric_eigh,
 )
 
@@ -45,8 +44,7 @@ WIDEN_POWER_ITERS = 1
 
 def householder_orthonormal(columns: Tensor) -> Tensor:
     """Q of a Householder QR: orthonormal to rounding, whatever the conditioning."""
-    with small_lapack_threads(columns):
-        q: Tensor = torch.linalg.qr(columns).Q
+    q: Tensor = torch.linalg.qr(columns).Q
     return q
 
 
@@ -63,9 +61,10 @@ def iterate_and_extract(
     """Subspace iteration from ``right_basis`` (n x w), then Rayleigh–Ritz.
 
     Returns the scaled rank-k approximation, its k squared Ritz values, the w
-    right Ritz vectors (sorted by Ritz value, largest first, unit columns) as
-    the next warm-start basis, the captured energy and the certificate (as
-    floats: ``scale`` and ``total`` are host numbers on this path).
+    right Ritz vectors (sorted by Ritz value, largest first; unit columns, but
+    for Ritz values at rounding level) as the next warm-start basis, the
+    captured energy and the certificate (as floats: ``scale`` and ``total`` are
+    host numbers on this path).
 
     The Ritz pairs come from the eigendecomposition of the small w x w matrix
     ``B Bᵀ`` with ``B = Pᵀ G``, not from an SVD of the w x n matrix ``B``:
@@ -121,9 +120,10 @@ def next_right_basis(projected: Tensor, values: list[float], eigvecs: Tensor) ->
     are scaled through the small w x w matrix instead of a normalisation pass
     over the n x w result, and the product is formed as ``(Zᵀ B)ᵀ``, a
     transposed view: on the CPU, ``Bᵀ Z`` with ``B`` transposed in memory is
-    ~3x slower. Ritz values at rounding level (θᵢ < 1e-12 θ₁) are floored:
-    those columns are then short rather than noise blown up to unit length,
-    and the next step's QR orthonormalises whatever they hold.
+    ~3x slower. Ritz values at rounding level (θᵢ < 1e-12 θ₁) are floored, so
+    that their columns (rounding noise) are not divided by a near-zero root;
+    they may then be shorter than one, and the next step's QR orthonormalises
+    whatever they hold.
     """
     floor = max(values[-1], 0.0) * 1e-12 + torch.finfo(eigvecs.dtype).tiny
     weights = [max(value, floor) ** -0.5 for value in reversed(values)]

@@ -14,9 +14,6 @@ The scale is :func:`scaled`'s power of two (see :mod:`svdsweep.optim.lowrank`).
 from __future__ import annotations
 
 import math
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -184,18 +181,19 @@ def scaled(
     """
     work = as_float(matrix)
     if frobenius_norm is None:
-        # Scaled by the largest magnitude: the squares of float64 entries of 1e-200
-        # (or 1e200) leave float64's range, and the norm would read 0 (or inf).
-        peak = work.abs().amax().double()
-        tiny = torch.finfo(torch.float64).tiny
-        frobenius_norm = peak * torch.linalg.matrix_norm(work.double() / peak.clamp_min(tiny))
+        # The squares of float64 entries of 1e-200 (or 1e200) leave float64's range.
+        frobenius_norm = peak_scaled_norm(work)
+    # The scale stays within the working dtype's range (2^125 for float32), so a
+    # norm below ~1e-38 (subnormal entries) is brought up as far as it can be.
+    largest = math.frexp(torch.finfo(work.dtype).max)[1] - 3
     if on_host:
         norm = float(frobenius_norm)
-        scale = math.ldexp(1.0, -math.frexp(norm)[1]) if math.isfinite(norm) else 1.0
+        exponent = math.frexp(norm)[1] if math.isfinite(norm) else 0
+        scale = math.ldexp(1.0, min(-exponent, largest))
         return work, scale, (norm * scale) ** 2
     norm_t = torch.as_tensor(frobenius_norm, dtype=torch.float64, device=work.device)
     _, exponent = torch.frexp(norm_t)
-    scale_t = torch.ldexp(torch.ones_like(norm_t), -exponent)
+    scale_t = torch.ldexp(torch.ones_like(norm_t), (-exponent).clamp_max(largest))
     return work, scale_t.to(work.dtype), (norm_t * scale_t).square().to(work.dtype)
 
 
@@ -234,60 +232,28 @@ def symmetric_eigh(gram: Tensor) -> tuple[Tensor, Tensor]:
     decomposition (``U S Uᵀ``) from another LAPACK routine. Eigenvalues are
     ascending, as ``eigh``'s. Nothing changes on the common path.
     """
-    with small_lapack_threads(gram):
-        try:
-            return torch.linalg.eigh(gram)
-        except torch.linalg.LinAlgError:
-            pass
-        wide = gram.double()
-        try:
-            values, vectors = torch.linalg.eigh(wide)
-        except torch.linalg.LinAlgError:
-            vectors, values, _ = torch.linalg.svd(wide)
-            values, vectors = values.flip(0), vectors.flip(1)
-        return values.to(gram.dtype), vectors.to(gram.dtype)
-
-
-@contextmanager
-def small_lapack_threads(matrix: Tensor) -> Iterator[None]:
-    """One intra-op thread for a LAPACK call on a small CPU matrix, then the caller's count.
-
-    LAPACK's QR of a 256 x 32 matrix takes 54 µs on one thread of this
-    project's 2-core machine and 88 µs on two, and ``eigh`` of a 32 x 32 matrix
-    51 against 58 µs: at these sizes a second thread costs more to wake and
-    join than it saves. Switching costs ~0.2 µs. Larger matrices (the exact
-    escalation's 256 x 256 Gram matrix) and other devices keep the caller's
-    setting. torch's count is partly per thread (OpenMP's setting) and partly
-    process-wide (the last one set is what other threads then read), so each
-    Python thread saves the count it sees and restores it only if it changed
-    it, once for nested sections: overlapping sections in several threads end
-    with the count they began with (tested).
-    """
-    if matrix.device.type != "cpu" or matrix.numel() > SMALL_LAPACK_ENTRIES:
-        yield
-        return
-    saved: list[int] = _ONE_THREAD.__dict__.setdefault("saved", [])
-    if not saved:
-        saved.append(torch.get_num_threads())
-        if saved[0] != 1:
-            torch.set_num_threads(1)
-    else:
-        saved.append(saved[0])
     try:
-        yield
-    finally:
-        count = saved.pop()
-        if not saved and count != 1:
-            torch.set_num_threads(count)
+        return torch.linalg.eigh(gram)
+    except torch.linalg.LinAlgError:
+        pass
+    wide = gram.double()
+    try:
+        values, vectors = torch.linalg.eigh(wide)
+    except torch.linalg.LinAlgError:
+        vectors, values, _ = torch.linalg.svd(wide)
+        values, vectors = values.flip(0), vectors.flip(1)
+    return values.to(gram.dtype), vectors.to(gram.dtype)
 
 
-#: Per Python thread: one entry per open :func:`small_lapack_threads` section,
-#: each holding the count the outermost one found.
-_ONE_THREAD = threading.local()
+def peak_scaled_norm(values: Tensor) -> Tensor:
+    """‖x‖ in float64 for finite x of any magnitude, empty x included: max|x| · ‖x / max|x|‖.
 
-
-#: Matrices up to this many entries go to LAPACK on one thread (see
-#: :func:`small_lapack_threads`): the thin bases of the default widths up to
-#: k=64 (784 x 72) and their Gram matrices, not the 256 x 256 Gram matrix of the
-#: exact escalation.
-SMALL_LAPACK_ENTRIES = 60_000
+    Dividing by the largest magnitude keeps every square in range, where a
+    plain reduction reads 0 for entries of 1e-200 and inf for 1e200. No host read.
+    """
+    if values.numel() == 0:
+        return torch.zeros((), dtype=torch.float64, device=values.device)
+    peak = values.abs().amax().double()
+    safe_peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    norm: Tensor = peak * torch.linalg.vector_norm(values.double() / safe_peak)
+    return norm
