@@ -172,6 +172,9 @@ def scaled(
 ) -> tuple[Tensor, Tensor | float, Tensor | float]:
     """The working matrix, a power of two ``scale`` with ‖G‖·scale in [0.5, 1), and ‖G·scale‖².
 
+    (Below [0.5, 1) only for norms so small, ~1e-38 in float32, that the scale
+    would leave the working dtype's range.)
+
     Multiplying by a power of two is exact. The scale is applied to the thin
     products, never to ``G`` itself: that saves a pass over the matrix, and
     every product that could overflow or underflow (``GᵀGV``, ``BBᵀ``) is
@@ -192,8 +195,8 @@ def scaled(
         scale = math.ldexp(1.0, min(-exponent, largest))
         return work, scale, (norm * scale) ** 2
     norm_t = torch.as_tensor(frobenius_norm, dtype=torch.float64, device=work.device)
-    _, exponent = torch.frexp(norm_t)
-    scale_t = torch.ldexp(torch.ones_like(norm_t), (-exponent).clamp_max(largest))
+    _, exponents = torch.frexp(norm_t)
+    scale_t = torch.ldexp(torch.ones_like(norm_t), (-exponents).clamp_max(largest))
     return work, scale_t.to(work.dtype), (norm_t * scale_t).square().to(work.dtype)
 
 
