@@ -111,7 +111,6 @@ class Extracted:
         result is bit-identical.
         """
         left, right = self.factors
-        divisor = self.unscale_by
         if (
             out is not None
             and out.dtype == left.dtype == dtype
@@ -119,14 +118,12 @@ class Extracted:
             and out.shape == (left.shape[0], right.shape[1])
         ):
             approx = torch.mm(left, right, out=out)
-            if isinstance(divisor, Tensor) or divisor != 1.0:
-                approx.div_(divisor)
-        elif isinstance(divisor, Tensor) or divisor != 1.0:
-            approx = ((left @ right) / divisor).to(dtype)
         else:
-            approx = (left @ right).to(dtype)
+            approx = left @ right
+        if isinstance(self.unscale_by, Tensor) or self.unscale_by != 1.0:
+            approx.div_(self.unscale_by)
         return LowRankResult(
-            approx,
+            approx.to(dtype),
             self.squared,
             self.basis if with_basis else None,
             scale=self.scale,
